@@ -1,0 +1,124 @@
+//! Bucket keys: the one place where the name of a bucket is made.
+//!
+//! A bucket belongs to one (domain, descriptor entries, limit). Its key is the concatenation of
+//! *parts*, each written as its length in decimal, a `:`, then its bytes:
+//!
+//! ```text
+//! sl: part(domain) part(entry count) { part(key) part(tag · value) }* part(limit id)
+//! ```
+//!
+//! # Why two buckets never share a key
+//!
+//! A reader of a key knows where each part ends before it reads the part (the length comes
+//! first and holds only digits, ended by `:`), so a key splits into its parts in exactly one way,
+//! and the entry count says how many entry parts follow. Different inputs therefore give
+//! different keys, whatever bytes the values hold: the entry `("a", "b_c")` and the entry
+//! `("a_b", "c")` give `1:a4:vb_c` and `3:a_b2:vc`. Each value carries a tag byte: `v` for the
+//! request's own value, `s` for the wildcard pattern of a `share_threshold` rule, so a request
+//! whose literal value is `files/*` never lands in the shared bucket of the pattern `files/*`.
+//!
+//! The limit id names the rule's place in the tree and the limit's index there (see
+//! [`crate::rules::Limit::id`]), not its numbers, so a changed limit keeps its bucket; a client
+//! override has its own id, so it never shares a bucket with a configured limit.
+
+/// The prefix of every bucket key.
+pub const PREFIX: &[u8] = b"sl:";
+
+/// The limit id of a limit a client sent with its descriptor.
+pub const OVERRIDE_LIMIT_ID: &[u8] = b"8:override";
+
+/// Appends one length-prefixed part.
+pub fn push_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(part.len().to_string().as_bytes());
+    out.push(b':');
+    out.extend_from_slice(part);
+}
+
+/// One entry of a descriptor as it is named in a key.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyEntry<'a> {
+    /// The descriptor key.
+    pub key: &'a str,
+    /// The request's value, or the shared wildcard pattern.
+    pub value: &'a str,
+    /// Whether `value` is a shared wildcard pattern rather than the request's value.
+    pub shared: bool,
+}
+
+/// The key of the bucket of `limit_id` for the descriptor `entries` in `domain`.
+pub fn bucket_key<'a>(
+    domain: &str,
+    entries: impl ExactSizeIterator<Item = KeyEntry<'a>>,
+    limit_id: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(PREFIX);
+    push_part(&mut out, domain.as_bytes());
+    push_part(&mut out, entries.len().to_string().as_bytes());
+    let mut tagged = Vec::new();
+    for entry in entries {
+        push_part(&mut out, entry.key.as_bytes());
+        tagged.clear();
+        tagged.push(if entry.shared { b's' } else { b'v' });
+        tagged.extend_from_slice(entry.value.as_bytes());
+        push_part(&mut out, &tagged);
+    }
+    push_part(&mut out, limit_id);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(domain: &str, entries: &[(&str, &str, bool)], limit: &[u8]) -> Vec<u8> {
+        let entries = entries
+            .iter()
+            .map(|&(key, value, shared)| KeyEntry { key, value, shared });
+        bucket_key(domain, entries, limit)
+    }
+
+    #[test]
+    fn separators_inside_values_do_not_collide() {
+        assert_ne!(
+            key("d", &[("a", "b_c", false)], b"x"),
+            key("d", &[("a_b", "c", false)], b"x")
+        );
+        assert_ne!(
+            key("d_a", &[("b", "c", false)], b"x"),
+            key("d", &[("a_b", "c", false)], b"x")
+        );
+        assert_ne!(
+            key("d", &[("a", "b", false), ("c", "d", false)], b"x"),
+            key("d", &[("a", "b1:c2:vd", false)], b"x")
+        );
+    }
+
+    #[test]
+    fn a_shared_pattern_is_not_a_literal_value() {
+        assert_ne!(
+            key("d", &[("f", "a*", true)], b"x"),
+            key("d", &[("f", "a*", false)], b"x")
+        );
+    }
+
+    #[test]
+    fn limits_of_one_descriptor_have_their_own_buckets() {
+        assert_ne!(
+            key("d", &[("a", "b", false)], b"1"),
+            key("d", &[("a", "b", false)], b"2")
+        );
+        assert_ne!(
+            key("d", &[("a", "b", false)], b"1"),
+            key("d", &[("a", "b", false)], OVERRIDE_LIMIT_ID)
+        );
+    }
+
+    #[test]
+    fn the_layout_is_readable() {
+        assert_eq!(
+            key("web", &[("ip", "1.2.3.4", false)], b"0"),
+            b"sl:3:web1:12:ip8:v1.2.3.41:0"
+        );
+    }
+}

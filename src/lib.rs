@@ -1,0 +1,28 @@
+//! Sluice: a token-bucket rate-limit service for Envoy's global rate-limit filter and for any
+//! client of its gRPC API.
+//!
+//! # Map
+//!
+//! A request travels through the modules in this order:
+//!
+//! 1. [`server`] accepts a gRPC `ShouldRateLimit` call (or an HTTP request) and hands the
+//!    `RateLimitRequest` to the [`service`].
+//! 2. [`service::Limiter::decide`] validates it, finds each descriptor's rule in the [`rules`]
+//!    (loaded from YAML files in the format of Envoy's reference service), and turns every limit
+//!    that applies into a [`store::Charge`] on a bucket named by [`key`].
+//! 3. The [`store`] applies the charges all or nothing, using the arithmetic of [`bucket`] and the
+//!    time of a [`clock`], and reports each bucket's level.
+//! 4. The service writes one status per descriptor, in request order, and the server sends the
+//!    response.
+//!
+//! [`rules`], [`bucket`] and [`key`] are pure: no I/O (beyond reading rule files), no network,
+//! no knowledge of gRPC. [`proto`] is the wire contract generated from `proto/`.
+
+pub mod bucket;
+pub mod clock;
+pub mod key;
+pub mod proto;
+pub mod rules;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,165 @@
+//! The `sluice` command line: `serve` and `check-config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sluice::clock::MonotonicClock;
+use sluice::rules;
+use sluice::server::{Addresses, Server};
+use sluice::service::{Bounds, Limiter};
+use sluice::store::{MemoryStore, Store};
+
+/// A token-bucket rate-limit service for Envoy's global rate-limit filter.
+#[derive(Parser, Debug)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve rate-limit decisions over gRPC (Envoy RLS v3), with an HTTP admin listener.
+    Serve(ServeArgs),
+    /// Validate rule files and print what each domain limits; exit 1 if any is invalid.
+    CheckConfig {
+        /// Rule files, or directories of *.yaml / *.yml files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Rule file, or directory of *.yaml / *.yml files; may be repeated.
+    #[arg(long, env = "SLUICE_RULES", required = true, value_delimiter = ',')]
+    rules: Vec<PathBuf>,
+
+    /// Address of the gRPC listener.
+    #[arg(long, env = "SLUICE_GRPC_ADDR", default_value = "0.0.0.0:8081")]
+    grpc_addr: SocketAddr,
+
+    /// Address of the HTTP admin listener.
+    #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+
+    /// Keep buckets in Redis at this URL instead of in memory.
+    #[arg(long, env = "SLUICE_REDIS_URL")]
+    redis_url: Option<String>,
+
+    /// Most descriptors one request may carry.
+    #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = Bounds::default().max_descriptors)]
+    max_descriptors: usize,
+
+    /// Most entries one descriptor may carry.
+    #[arg(long, env = "SLUICE_MAX_ENTRIES", default_value_t = Bounds::default().max_entries)]
+    max_entries: usize,
+
+    /// Most bytes in a domain or an entry key.
+    #[arg(long, env = "SLUICE_MAX_NAME_BYTES", default_value_t = Bounds::default().max_name_bytes)]
+    max_name_bytes: usize,
+
+    /// Most bytes in an entry value.
+    #[arg(long, env = "SLUICE_MAX_VALUE_BYTES", default_value_t = Bounds::default().max_value_bytes)]
+    max_value_bytes: usize,
+
+    /// Shards of the in-memory store (more shards, less waiting between cores).
+    #[arg(long, env = "SLUICE_MEMORY_SHARDS", default_value_t = 64)]
+    memory_shards: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { paths } => check_config(&paths),
+        Command::Serve(args) => {
+            init_logging();
+            match serve(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error:#}");
+                    eprintln!("sluice: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn check_config(paths: &[PathBuf]) -> ExitCode {
+    match rules::load_paths(paths) {
+        Ok(set) => {
+            print!("{}", rules::describe(&set));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("invalid rules: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let rules = rules::load_paths(&args.rules).context("invalid rules")?;
+    if args.redis_url.is_some() {
+        anyhow::bail!("--redis-url: the Redis store is not available yet; omit it to use memory");
+    }
+    let store = Store::Memory(MemoryStore::new(
+        args.memory_shards,
+        Arc::new(MonotonicClock::new()),
+    ));
+    let bounds = Bounds {
+        max_descriptors: args.max_descriptors,
+        max_entries: args.max_entries,
+        max_name_bytes: args.max_name_bytes,
+        max_value_bytes: args.max_value_bytes,
+    };
+    let domains = rules.domains().len();
+    let limiter = Arc::new(Limiter::new(rules, store, bounds));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let addresses = Addresses {
+            grpc: args.grpc_addr,
+            http: args.http_addr,
+        };
+        let server = Server::start(limiter.clone(), addresses).await?;
+        tracing::info!(
+            grpc = %server.grpc_addr(),
+            http = %server.http_addr(),
+            store = limiter.store().name(),
+            domains,
+            "listening"
+        );
+        shutdown_signal().await?;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! The listeners: gRPC (Envoy's RLS v3) and the HTTP admin API, and their lifecycle.
+//!
+//! [`Server::start`] binds both listeners before anything is served, so a taken address is an
+//! error at start rather than a log line later, then serves until [`Server::shutdown`]. This is
+//! also where a failed decision gets its gRPC status, chosen once for every caller.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use crate::proto::{RateLimitRequest, RateLimitResponse, RateLimitService, RateLimitServiceServer};
+use crate::service::{DecideError, Limiter};
+
+/// Where to listen.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    /// The gRPC listener.
+    pub grpc: SocketAddr,
+    /// The HTTP admin listener.
+    pub http: SocketAddr,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind its address (taken, or not ours).
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the system said.
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds both listeners and starts serving decisions from `limiter`.
+    pub async fn start(limiter: Arc<Limiter>, addresses: Addresses) -> Result<Server, StartError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let grpc = bind("gRPC", addresses.grpc).await?;
+        let http = bind("HTTP", addresses.http).await?;
+        let local = |listener: &TcpListener, what, addr| {
+            listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let grpc_addr = local(&grpc, "gRPC", addresses.grpc)?;
+        let http_addr = local(&http, "HTTP", addresses.http)?;
+
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let service = RateLimitServiceServer::new(GrpcService {
+            limiter: limiter.clone(),
+        });
+        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let signal = wait_for_stop(stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "gRPC listener failed");
+            }
+        }));
+
+        let admin = Router::new().route("/healthcheck", get(healthcheck));
+        let signal = wait_for_stop(stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(http, admin)
+                .with_graceful_shutdown(signal)
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "HTTP listener failed");
+            }
+        }));
+
+        if limiter.store().memory().is_some() {
+            tasks.push(tokio::spawn(sweep_memory(limiter, stopped)));
+        }
+
+        Ok(Server {
+            grpc_addr,
+            http_addr,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The address the gRPC listener is bound to.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The address the HTTP listener is bound to.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Stops accepting, lets calls in flight finish, and returns when all listeners are closed.
+    pub async fn shutdown(self) {
+        // Receivers live in the tasks; if they are all gone there is nothing left to stop.
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Drops full buckets of the memory store once a second, so memory follows the active keys.
+async fn sweep_memory(limiter: Arc<Limiter>, mut stopped: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if let Some(memory) = limiter.store().memory() {
+                    memory.sweep();
+                }
+            }
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+async fn healthcheck() -> &'static str {
+    "OK"
+}
+
+struct GrpcService {
+    limiter: Arc<Limiter>,
+}
+
+#[tonic::async_trait]
+impl RateLimitService for GrpcService {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        match self.limiter.decide(request.get_ref()).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => Err(status_of(&error)),
+        }
+    }
+}
+
+/// The gRPC status of a failed decision.
+///
+/// - A wrong request is `INVALID_ARGUMENT`: the caller must change it, retrying cannot help.
+/// - A store failure is `UNAVAILABLE`: transient by definition, and the status Envoy's filter
+///   treats as an error, so it applies its `failure_mode_deny` setting (fail open by default).
+pub fn status_of(error: &DecideError) -> Status {
+    match error {
+        DecideError::Invalid(message) => Status::invalid_argument(message.clone()),
+        DecideError::Store(store) => Status::unavailable(store.to_string()),
+    }
+}

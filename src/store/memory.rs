@@ -1,0 +1,200 @@
+//! The in-memory store: exact buckets in this process, the embedded default.
+//!
+//! Buckets live in shards, each a mutex around a hash map, so that decisions on different keys
+//! rarely wait for each other. A decision locks the shards of all its keys, in ascending shard
+//! order so that two decisions can never wait on each other in a cycle, and holds them while it
+//! reads, decides and writes: that is what makes a decision over several buckets all or nothing.
+//!
+//! A full bucket is the same as a missing one, so a bucket is dropped once it is full: on write
+//! when a decision leaves it full, and by [`MemoryStore::sweep`] once enough time has passed.
+//! Memory therefore follows the keys that are in use.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Charge, ChargeResult, Decision, verdict};
+use crate::bucket::{Probe, State};
+use crate::clock::Clock;
+
+type Shard = HashMap<Box<[u8]>, Entry>;
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    state: State,
+    /// When the bucket will be full again, and can be forgotten.
+    full_at_us: u64,
+}
+
+/// Exact token buckets in process memory.
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.shards.len())
+            .finish()
+    }
+}
+
+/// The working copy of one bucket during a decision.
+struct Working {
+    probe: Probe,
+    level: u64,
+}
+
+impl MemoryStore {
+    /// An empty store with `shards` shards (at least one), reading time from `clock`.
+    pub fn new(shards: usize, clock: Arc<dyn Clock>) -> MemoryStore {
+        let shards = (0..shards.max(1))
+            .map(|_| Mutex::new(Shard::new()))
+            .collect();
+        MemoryStore {
+            shards,
+            hasher: RandomState::new(),
+            clock,
+        }
+    }
+
+    fn shard_of(&self, key: &[u8]) -> usize {
+        // The remainder is below the shard count, which is a usize.
+        (self.hasher.hash_one(key) % self.shards.len() as u64) as usize
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        // A panic while a shard was held cannot leave an entry half-written (entries are
+        // replaced whole), so a poisoned shard is still consistent.
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies one decision's charges atomically; see the [module doc](super).
+    pub fn charge(&self, charges: &[Charge]) -> Decision {
+        let shard_of: Vec<usize> = charges.iter().map(|c| self.shard_of(&c.key)).collect();
+        let mut order = shard_of.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> = order
+            .into_iter()
+            .map(|shard| (shard, self.lock(shard)))
+            .collect();
+        let guard_of = |shard: usize, guards: &[(usize, MutexGuard<'_, Shard>)]| {
+            guards
+                .iter()
+                .position(|(s, _)| *s == shard)
+                .expect("every charge's shard is locked")
+        };
+        let now_us = self.clock.now_us();
+
+        // Bring each bucket up to date once, even when several charges share it, then let the
+        // charges take from the working copy in order, as if they came one after another.
+        let mut working: HashMap<&[u8], Working> = HashMap::with_capacity(charges.len());
+        let mut held = Vec::with_capacity(charges.len());
+        // Per charge: the bucket as probed, and its level after this charge's tokens.
+        let mut seen: Vec<Option<(Probe, u64)>> = Vec::with_capacity(charges.len());
+        for (i, charge) in charges.iter().enumerate() {
+            let Some(shape) = charge.shape else {
+                held.push(false);
+                seen.push(None);
+                continue;
+            };
+            let work = working.entry(&charge.key).or_insert_with(|| {
+                let shard = &guards[guard_of(shard_of[i], &guards)].1;
+                let state = shard.get(charge.key.as_slice()).map(|entry| &entry.state);
+                let probe = shape.probe(state, now_us);
+                Working {
+                    probe,
+                    level: probe.level,
+                }
+            });
+            let probe = Probe {
+                level: work.level,
+                ..work.probe
+            };
+            let holds = shape.holds(&probe, charge.need());
+            if holds {
+                work.level -= charge.hits * shape.units_per_token();
+            }
+            held.push(holds);
+            seen.push(Some((work.probe, work.level)));
+        }
+
+        let passed = verdict(charges, &held);
+        if passed {
+            for (i, charge) in charges.iter().enumerate() {
+                let (Some(shape), Some(work)) =
+                    (charge.shape, working.remove(charge.key.as_slice()))
+                else {
+                    continue;
+                };
+                if work.level == work.probe.level {
+                    continue;
+                }
+                let state = shape.take(
+                    &Probe {
+                        level: work.level,
+                        ..work.probe
+                    },
+                    0,
+                );
+                let g = guard_of(shard_of[i], &guards);
+                let shard = &mut guards[g].1;
+                if shape.is_full(&state) {
+                    shard.remove(charge.key.as_slice());
+                } else {
+                    let entry = Entry {
+                        state,
+                        full_at_us: shape.full_at_us(&state),
+                    };
+                    shard.insert(charge.key.clone().into_boxed_slice(), entry);
+                }
+            }
+        }
+        drop(guards);
+
+        let results = charges
+            .iter()
+            .zip(seen)
+            .zip(held)
+            .map(|((charge, seen), held)| {
+                let report = charge.shape.zip(seen).map(|(shape, (probe, after))| {
+                    // A denied request took nothing: its buckets are as probed.
+                    let level = if passed { after } else { probe.level };
+                    shape.report(&probe, level, charge.need())
+                });
+                ChargeResult { held, report }
+            })
+            .collect();
+        Decision { passed, results }
+    }
+
+    /// Drops every bucket that is full by now; returns how many were dropped.
+    pub fn sweep(&self) -> usize {
+        let now_us = self.clock.now_us();
+        let mut dropped = 0;
+        for shard in 0..self.shards.len() {
+            let mut buckets = self.lock(shard);
+            let before = buckets.len();
+            buckets.retain(|_, entry| entry.full_at_us > now_us);
+            dropped += before - buckets.len();
+        }
+        dropped
+    }
+
+    /// How many buckets are kept (buckets that are not full).
+    pub fn len(&self) -> usize {
+        (0..self.shards.len())
+            .map(|shard| self.lock(shard).len())
+            .sum()
+    }
+
+    /// Whether no bucket is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
