@@ -300,8 +300,9 @@ mod tests {
 
     #[test]
     fn thirds_of_a_token_do_not_drift() {
-        // 3 per second: a token every 333 333.3 µs.
-        let shape = Shape::new(3, SECOND, 1).unwrap();
+        // 3 per second: a token every 333 333.3 µs. A capacity of 2 is never reached again
+        // once the first token is gone, so no refill is lost to the cap.
+        let shape = Shape::new(3, SECOND, 2).unwrap();
         let mut state = None;
         let mut granted = 0;
         for step in 0..=3_000_000u64 {
@@ -309,8 +310,8 @@ mod tests {
                 granted += 1;
             }
         }
-        // 3000 seconds at 3/s, plus the one token the bucket started with.
-        assert_eq!(granted, 9_001);
+        // 3000 seconds at 3/s, plus the two tokens the bucket started with.
+        assert_eq!(granted, 9_002);
     }
 
     #[test]
@@ -403,5 +404,99 @@ mod tests {
         assert_eq!(Shape::new(0, SECOND, 1), Err(ShapeError::NoRefill));
         assert_eq!(Shape::new(1, SECOND, 0), Err(ShapeError::NoCapacity));
         assert_eq!(Shape::new(1, 1_500, 1), Err(ShapeError::BadPeriod));
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A limit: requests per period, period in seconds, capacity.
+        fn limits() -> impl Strategy<Value = (u64, u64, u64)> {
+            (
+                1..=1_000_000u64,
+                prop_oneof![Just(1u64), Just(60), Just(3_600), Just(86_400)],
+            )
+                .prop_flat_map(|(r, p)| (Just(r), Just(p), 1..=2 * r))
+        }
+
+        /// Steps of (microseconds to wait, hits to ask for).
+        fn steps(capacity: u64) -> impl Strategy<Value = Vec<(u64, u64)>> {
+            prop::collection::vec((0..5 * SECOND, 0..=capacity + 1), 1..200)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn never_grants_more_than_capacity_plus_refill(
+                (r, p, c) in limits(),
+                seed in any::<u64>(),
+                waits in steps(1_000),
+            ) {
+                let shape = Shape::new(r, p * SECOND, c).unwrap();
+                let mut state = None;
+                let start = seed % (1 << 40);
+                let mut now = start;
+                let mut granted: u128 = 0;
+                for (wait, hits) in waits {
+                    now += wait;
+                    let hits = hits % (c + 2);
+                    if try_take(&shape, &mut state, now, hits) {
+                        granted += u128::from(hits);
+                    }
+                    let level = shape.probe(state.as_ref(), now).level;
+                    prop_assert!(level <= shape.capacity_units());
+                    let refill = u128::from(r) * u128::from(now - start) / u128::from(p * SECOND);
+                    prop_assert!(granted <= u128::from(c) + refill);
+                }
+            }
+
+            #[test]
+            fn a_denied_request_changes_nothing(
+                (r, p, c) in limits(),
+                waits in steps(1_000),
+            ) {
+                let shape = Shape::new(r, p * SECOND, c).unwrap();
+                let mut state = None;
+                let mut now = 0;
+                for (wait, hits) in waits {
+                    now += wait;
+                    let probe = shape.probe(state.as_ref(), now);
+                    if shape.holds(&probe, hits) {
+                        state = Some(shape.take(&probe, hits));
+                    } else {
+                        // Asking again, at once, sees the very same bucket.
+                        prop_assert_eq!(shape.probe(state.as_ref(), now), probe);
+                    }
+                    let report = shape.report(&probe, probe.level, hits);
+                    prop_assert!(report.remaining <= c);
+                }
+            }
+
+            #[test]
+            fn grants_the_refill_to_a_steady_caller(
+                (r, p, c) in limits().prop_filter("a steady caller asks often", |l| l.0 <= 20_000),
+                periods in 1..4u64,
+            ) {
+                // Asking for one token every tick-sized step never lets the bucket cap a refill
+                // away once it has been emptied, so the grant is C + R·t/P give or take one.
+                let shape = Shape::new(r, p * SECOND, c).unwrap();
+                let mut state = None;
+                prop_assert!(try_take(&shape, &mut state, 0, c));
+                let end = periods * p * SECOND;
+                let step = (p * SECOND / r).max(1);
+                let mut granted = c;
+                let mut now = 0;
+                while now < end {
+                    now = (now + step).min(end);
+                    while try_take(&shape, &mut state, now, 1) {
+                        granted += 1;
+                    }
+                }
+                let exact = c + r * periods;
+                prop_assert!(granted + 1 >= exact && granted <= exact, "{granted} vs {exact}");
+            }
+        }
     }
 }

@@ -198,3 +198,96 @@ impl MemoryStore {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::{MICROS_PER_SECOND, Shape};
+    use crate::clock::ManualClock;
+    use crate::store::Mode;
+
+    fn store(clock: &Arc<ManualClock>) -> MemoryStore {
+        MemoryStore::new(8, clock.clone())
+    }
+
+    fn charge(key: &str, per_second: u64, hits: u64) -> Charge {
+        let shape = Shape::new(per_second, MICROS_PER_SECOND, per_second).unwrap();
+        Charge {
+            key: key.as_bytes().to_vec(),
+            shape: Some(shape),
+            hits,
+            mode: Mode::Enforce,
+        }
+    }
+
+    #[test]
+    fn sixty_four_threads_get_exactly_the_capacity() {
+        let clock = ManualClock::starting_at(0);
+        let store = Arc::new(store(&clock));
+        let threads: Vec<_> = (0..64)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..10)
+                        .filter(|_| store.charge(&[charge("one", 100, 1)]).passed)
+                        .count()
+                })
+            })
+            .collect();
+        let granted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(granted, 100);
+    }
+
+    #[test]
+    fn a_denied_request_takes_from_no_bucket() {
+        let clock = ManualClock::starting_at(0);
+        let store = store(&clock);
+        assert!(store.charge(&[charge("small", 2, 2)]).passed);
+        let decision = store.charge(&[charge("big", 10, 1), charge("small", 2, 1)]);
+        assert!(!decision.passed);
+        assert_eq!(decision.results[0].report.unwrap().remaining, 10);
+        assert!(decision.results[0].held && !decision.results[1].held);
+        // "big" still holds all of its tokens.
+        assert!(store.charge(&[charge("big", 10, 10)]).passed);
+    }
+
+    #[test]
+    fn two_charges_on_one_bucket_take_in_turn() {
+        let clock = ManualClock::starting_at(0);
+        let store = store(&clock);
+        let decision = store.charge(&[charge("same", 3, 2), charge("same", 3, 2)]);
+        assert!(!decision.passed);
+        let decision = store.charge(&[charge("same", 3, 2), charge("same", 3, 1)]);
+        assert!(decision.passed);
+        assert_eq!(decision.results[1].report.unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn check_only_needs_a_token_and_takes_none() {
+        let clock = ManualClock::starting_at(0);
+        let store = store(&clock);
+        let decision = store.charge(&[charge("c", 1, 0)]);
+        assert!(decision.passed);
+        assert_eq!(decision.results[0].report.unwrap().remaining, 1);
+        assert!(store.charge(&[charge("c", 1, 1)]).passed);
+        assert!(!store.charge(&[charge("c", 1, 0)]).passed);
+    }
+
+    #[test]
+    fn full_buckets_are_forgotten() {
+        let clock = ManualClock::starting_at(0);
+        let store = store(&clock);
+        for key in ["a", "b", "c"] {
+            assert!(store.charge(&[charge(key, 10, 5)]).passed);
+        }
+        assert_eq!(store.len(), 3);
+        clock.advance(MICROS_PER_SECOND / 2 - 1);
+        assert_eq!(store.sweep(), 0);
+        clock.advance(1);
+        assert_eq!(store.sweep(), 3);
+        assert!(store.is_empty());
+        // A decision that leaves a bucket full does not keep it either.
+        assert!(store.charge(&[charge("d", 10, 0)]).passed);
+        assert!(store.is_empty());
+    }
+}
