@@ -106,7 +106,7 @@ impl Shape {
         if capacity == 0 {
             return Err(ShapeError::NoCapacity);
         }
-        if period_us == 0 || period_us % MICROS_PER_SECOND != 0 {
+        if period_us == 0 || !period_us.is_multiple_of(MICROS_PER_SECOND) {
             return Err(ShapeError::BadPeriod);
         }
         if capacity > MAX_EXACT {
@@ -246,7 +246,7 @@ impl Shape {
 /// The next candidate tick: ten times longer, capped at the period, and always a divisor of it.
 fn next_tick(tick_us: u64, period_us: u64) -> u64 {
     let next = tick_us * 10;
-    if next < period_us && period_us % next == 0 {
+    if next < period_us && period_us.is_multiple_of(next) {
         next
     } else {
         period_us

@@ -156,13 +156,13 @@ fn validate(request: &RateLimitRequest, bounds: &Bounds) -> Result<(), DecideErr
                 ));
             }
         }
-        if let Some(limit) = &descriptor.limit {
-            if unit_of_override(limit.unit).is_none() {
-                return invalid(format!(
-                    "descriptors[{d}].limit.unit is {}; a limit override needs a known unit",
-                    limit.unit
-                ));
-            }
+        if let Some(limit) = &descriptor.limit
+            && unit_of_override(limit.unit).is_none()
+        {
+            return invalid(format!(
+                "descriptors[{d}].limit.unit is {}; a limit override needs a known unit",
+                limit.unit
+            ));
         }
     }
     Ok(())
@@ -386,14 +386,12 @@ impl Plan {
             })
             .collect();
         let mut headers = Vec::new();
-        if !passed {
-            if let Some(seconds) = self.retry_after_seconds(results) {
-                headers.push(HeaderValue {
-                    key: "retry-after".into(),
-                    value: seconds.to_string(),
-                    raw_value: Vec::new(),
-                });
-            }
+        if !passed && let Some(seconds) = self.retry_after_seconds(results) {
+            headers.push(HeaderValue {
+                key: "retry-after".into(),
+                value: seconds.to_string(),
+                raw_value: Vec::new(),
+            });
         }
         response(
             if passed { Code::Ok } else { Code::OverLimit },

@@ -278,10 +278,8 @@ impl Reader<'_> {
         }
 
         let mut limits = Vec::new();
-        if let Some(limit) = field(map, "rate_limit") {
-            if !is_null(limit) {
-                limits.push(self.limit(limit, &format!("{path}.rate_limit"), &place, 0)?);
-            }
+        if let Some(limit) = field(map, "rate_limit").filter(|limit| !is_null(limit)) {
+            limits.push(self.limit(limit, &format!("{path}.rate_limit"), &place, 0)?);
         }
         if let Some(list) = field(map, "rate_limits") {
             let list_path = format!("{path}.rate_limits");
