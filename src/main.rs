@@ -1,9 +1,11 @@
 //! The `sluice` command line: `serve` and `check-config`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -67,6 +69,10 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_VALUE_BYTES", default_value_t = Bounds::default().max_value_bytes)]
     max_value_bytes: usize,
 
+    /// On SIGTERM or SIGINT, how long calls in flight may take to finish, e.g. `10s`, `500ms`.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+
     /// Shards of the in-memory store (more shards, less waiting between cores).
     #[arg(long, env = "SLUICE_MEMORY_SHARDS", default_value_t = 64)]
     memory_shards: usize,
@@ -90,12 +96,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// A duration written as a whole number of `ms` or `s`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.strip_suffix("ms") {
+        Some(number) => (number, 1),
+        None => (text.strip_suffix('s').unwrap_or(text), 1_000),
+    };
+    let number: u64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 10s or 500ms"))?;
+    Ok(Duration::from_millis(number * unit))
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -142,13 +162,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             grpc = %server.grpc_addr(),
             http = %server.http_addr(),
-            store = limiter.store().name(),
+            store = %limiter.store().name(),
             domains,
             "listening"
         );
         shutdown_signal().await?;
         tracing::info!("shutting down");
-        server.shutdown().await;
+        server.shutdown(args.shutdown_grace).await;
         Ok(())
     })
 }

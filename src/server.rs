@@ -121,12 +121,24 @@ impl Server {
         self.http_addr
     }
 
-    /// Stops accepting, lets calls in flight finish, and returns when all listeners are closed.
-    pub async fn shutdown(self) {
+    /// Stops accepting, lets calls in flight finish, and returns when all listeners are closed,
+    /// or once `grace` has passed: connections still open then (a client that does not answer
+    /// the HTTP/2 goodbye, say) are dropped.
+    pub async fn shutdown(self, grace: Duration) {
         // Receivers live in the tasks; if they are all gone there is nothing left to stop.
         let _ = self.stop.send(true);
-        for task in self.tasks {
-            let _ = task.await;
+        let aborts: Vec<_> = self.tasks.iter().map(JoinHandle::abort_handle).collect();
+        let drained = async {
+            for task in self.tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(
+                grace_ms = grace.as_millis(),
+                "connections still open; closing them"
+            );
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
     }
 }

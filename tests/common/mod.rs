@@ -1,6 +1,8 @@
 //! The test harness: a real Sluice server on port 0, its gRPC client, and request builders.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -115,7 +117,7 @@ impl Harness {
     /// Stops the server.
     pub async fn stop(&mut self) {
         if let Some(server) = self.server.take() {
-            server.shutdown().await;
+            server.shutdown(std::time::Duration::from_secs(5)).await;
         }
     }
 

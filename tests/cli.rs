@@ -1,0 +1,304 @@
+//! The `sluice` binary as users and scripts run it: `check-config` and `serve`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{codes, descriptor, request};
+use sluice::proto::{Code, RateLimitServiceClient};
+
+const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+const RULES: &str = "
+domain: web
+descriptors:
+  - key: remote_address
+    rate_limit: {unit: second, requests_per_unit: 10, burst: 20}
+    descriptors:
+      - key: path
+        value: /login
+        rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: client
+    value: internal
+    rate_limit: {unlimited: true}
+";
+
+fn write_rules(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("web.yaml");
+    std::fs::write(&file, text).expect("the rules are written");
+    (dir, file)
+}
+
+#[test]
+fn check_config_prints_what_each_domain_limits() {
+    let (_dir, file) = write_rules(RULES);
+    let out = Command::new(SLUICE)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("it runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let expected = format!(
+        "domain web ({})\n  remote_address: 10 per second, burst 20\n    \
+         path=/login: 5 per minute\n  client=internal: unlimited\n",
+        file.display()
+    );
+    assert_eq!(stdout, expected);
+}
+
+#[test]
+fn check_config_exits_1_naming_the_fault() {
+    let (_dir, file) =
+        write_rules("domain: web\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight}\n");
+    let out = Command::new(SLUICE)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("it runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "invalid rules: {}:4:24: descriptors[0].rate_limit.unit: unknown unit `fortnight` \
+             (expected one of: second, minute, hour, day, week, month, year)\n",
+            file.display()
+        )
+    );
+}
+
+/// A `sluice serve` process, killed when dropped.
+struct Serving {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    grpc: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `sluice serve` with `args` and `envs`; returns it once it logs that it listens.
+fn serve(args: &[&str], envs: &[(&str, &str)]) -> Result<Serving, String> {
+    let mut child = Command::new(SLUICE)
+        .arg("serve")
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("SLUICE_GRPC_ADDR")
+        .env_remove("SLUICE_HTTP_ADDR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sluice starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (send, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let fail = |child: &mut Child, seen: &str| {
+        let _ = child.kill();
+        let status = child.wait().expect("the process ends");
+        Err(format!("{status}: {seen}"))
+    };
+    loop {
+        let Ok(line) = lines.recv_timeout(Duration::from_secs(20)) else {
+            return fail(&mut child, &seen);
+        };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("listening") {
+            return match (field(&line, "grpc="), field(&line, "http=")) {
+                (Some(grpc), Some(http)) => Ok(Serving {
+                    child,
+                    lines,
+                    grpc,
+                    http,
+                }),
+                _ => fail(&mut child, &seen),
+            };
+        }
+    }
+}
+
+fn field(line: &str, name: &str) -> Option<SocketAddr> {
+    let start = line.find(name)? + name.len();
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+fn loopback_args(file: &std::path::Path) -> Vec<String> {
+    let rules = file.display().to_string();
+    let addrs = ["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
+    [
+        "--rules",
+        &rules,
+        addrs[0],
+        addrs[1],
+        addrs[2],
+        addrs[3],
+        "--shutdown-grace",
+        "1s",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+#[tokio::test]
+async fn serve_answers_grpc_and_healthcheck_then_stops_on_sigterm() {
+    let (_dir, file) = write_rules(RULES);
+    let args = loopback_args(&file);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut serving = serve(&args, &[]).expect("sluice serves");
+
+    let health = common::http::get(serving.http, "/healthcheck")
+        .await
+        .expect("an answer");
+    assert_eq!((health.status, health.body.as_str()), (200, "OK"));
+
+    let url = format!("http://{}", serving.grpc);
+    let mut client = RateLimitServiceClient::connect(url)
+        .await
+        .expect("a connection");
+    let ask = || {
+        request(
+            "web",
+            vec![descriptor(&[
+                ("remote_address", "10.0.0.1"),
+                ("path", "/login"),
+            ])],
+        )
+    };
+    for remaining in (0..5).rev() {
+        let response = client
+            .should_rate_limit(ask())
+            .await
+            .expect("a decision")
+            .into_inner();
+        assert_eq!(codes(&response), [(Code::Ok, remaining)]);
+    }
+    let response = client
+        .should_rate_limit(ask())
+        .await
+        .expect("a decision")
+        .into_inner();
+    assert_eq!(codes(&response), [(Code::OverLimit, 0)]);
+
+    // The connection stays open, as Envoy's would: shutdown must not wait on it forever.
+    let pid = serving.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = serving.child.wait().expect("sluice exits");
+    assert!(status.success(), "exit status {status}");
+    let rest: Vec<String> = serving.lines.try_iter().collect();
+    assert!(
+        rest.iter().any(|line| line.contains("shutting down")),
+        "{rest:?}"
+    );
+}
+
+#[test]
+fn serve_reads_its_settings_from_the_environment() {
+    let (_dir, file) = write_rules(RULES);
+    let rules = file.display().to_string();
+    let envs = [
+        ("SLUICE_RULES", rules.as_str()),
+        ("SLUICE_MAX_DESCRIPTORS", "2"),
+    ];
+    let serving = serve(
+        &["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
+        &envs,
+    )
+    .expect("sluice serves");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let url = format!("http://{}", serving.grpc);
+        let mut client = RateLimitServiceClient::connect(url)
+            .await
+            .expect("a connection");
+        let three = (0..3)
+            .map(|_| descriptor(&[("client", "internal")]))
+            .collect();
+        let status = client
+            .should_rate_limit(request("web", three))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.message(),
+            "the request has 3 descriptors; at most 2 are allowed"
+        );
+    });
+}
+
+#[test]
+fn serve_refuses_invalid_rules() {
+    let (_dir, file) = write_rules("domain: web\ndescriptors:\n  - key: a\n    valeu: typo\n");
+    let args = loopback_args(&file);
+    let out = Command::new(SLUICE)
+        .arg("serve")
+        .args(&args)
+        .output()
+        .expect("it runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!(
+        "sluice: invalid rules: {}:4:5: descriptors[0].valeu: unknown key `valeu`",
+        file.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_an_address_that_is_taken() {
+    let (_dir, file) = write_rules(RULES);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("an address").to_string();
+    let rules = file.display().to_string();
+    let args = [
+        "serve",
+        "--rules",
+        &rules,
+        "--grpc-addr",
+        &addr,
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    let out = Command::new(SLUICE).args(args).output().expect("it runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("sluice: cannot listen for gRPC on {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_requires_rules() {
+    let out = Command::new(SLUICE)
+        .arg("serve")
+        .env_remove("SLUICE_RULES")
+        .output()
+        .expect("it runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rules"));
+}
