@@ -92,10 +92,10 @@ async fn start_envoy(rls: SocketAddr, upstream: SocketAddr) -> Envoy {
         if let Some(status) = envoy.child.try_wait().expect("envoy's status") {
             panic!("envoy exited before it was ready: {status}");
         }
-        if let Ok(reply) = http::get(admin, "/ready").await {
-            if reply.status == 200 {
-                return envoy;
-            }
+        if let Ok(reply) = http::get(admin, "/ready").await
+            && reply.status == 200
+        {
+            return envoy;
         }
         assert!(
             Instant::now() < deadline,
