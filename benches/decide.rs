@@ -37,7 +37,10 @@ fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
         entries: entries
             .iter()
-            .map(|(k, v)| Entry { key: (*k).to_owned(), value: (*v).to_owned() })
+            .map(|(k, v)| Entry {
+                key: (*k).to_owned(),
+                value: (*v).to_owned(),
+            })
             .collect(),
         ..Default::default()
     }
@@ -71,7 +74,9 @@ fn bench_bucket(c: &mut Criterion) {
 }
 
 fn bench_decide(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
     let set = {
         let domain = rules::load_str(Path::new("bench.yaml"), &rules_text()).expect("valid");
         rules::RuleSet::from_domains(vec![domain]).expect("one domain")
@@ -95,10 +100,12 @@ fn bench_decide(c: &mut Criterion) {
         hits_addend: 1,
     };
     c.bench_function("decide/memory 1 descriptor", |b| {
-        b.to_async(&runtime).iter(|| limiter.decide(black_box(&one)))
+        b.to_async(&runtime)
+            .iter(|| limiter.decide(black_box(&one)))
     });
     c.bench_function("decide/memory 5 descriptors", |b| {
-        b.to_async(&runtime).iter(|| limiter.decide(black_box(&five)))
+        b.to_async(&runtime)
+            .iter(|| limiter.decide(black_box(&five)))
     });
 }
 

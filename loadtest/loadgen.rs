@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use sluice::proto::{
-    Code, Entry, RateLimitDescriptor, RateLimitRequest, RateLimitResponse, RateLimitService,
-    RateLimitServiceClient, RateLimitServiceServer,
+    Code, DescriptorStatus, Entry, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
+    RateLimitService, RateLimitServiceClient, RateLimitServiceServer,
 };
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser, Debug)]
@@ -74,10 +75,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Command::Run(args) => run(args).await,
         Command::NullServer { listen } => {
             println!("null RLS server on {listen}");
-            tonic::transport::Server::builder()
+            // Configured as Sluice's own listener is, so the comparison is fair.
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let serving = tonic::transport::Server::builder()
                 .add_service(RateLimitServiceServer::new(NullServer))
-                .serve(listen)
-                .await?;
+                .serve_with_incoming(incoming);
+            tokio::spawn(serving).await??;
             Ok(())
         }
     }
@@ -91,7 +95,16 @@ impl RateLimitService for NullServer {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        let statuses = request.get_ref().descriptors.iter().map(|_| Default::default()).collect();
+        let ok = DescriptorStatus {
+            code: Code::Ok as i32,
+            ..Default::default()
+        };
+        let statuses = request
+            .get_ref()
+            .descriptors
+            .iter()
+            .map(|_| ok.clone())
+            .collect();
         Ok(tonic::Response::new(RateLimitResponse {
             overall_code: Code::Ok as i32,
             statuses,
@@ -167,12 +180,22 @@ async fn drive(
                 let n = (state % args.keys.max(1)).to_string();
                 let entries = entries
                     .iter()
-                    .map(|(key, value)| Entry { key: key.clone(), value: value.replace("{n}", &n) })
+                    .map(|(key, value)| Entry {
+                        key: key.clone(),
+                        value: value.replace("{n}", &n),
+                    })
                     .collect();
-                RateLimitDescriptor { entries, ..Default::default() }
+                RateLimitDescriptor {
+                    entries,
+                    ..Default::default()
+                }
             })
             .collect();
-        let request = RateLimitRequest { domain: args.domain.clone(), descriptors, hits_addend: 0 };
+        let request = RateLimitRequest {
+            domain: args.domain.clone(),
+            descriptors,
+            hits_addend: 0,
+        };
         let sent = Instant::now();
         let answer = client.should_rate_limit(request).await;
         let micros = u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX);

