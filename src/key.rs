@@ -21,6 +21,39 @@
 //! [`crate::rules::Limit::id`]), not its numbers, so a changed limit keeps its bucket; a client
 //! override has its own id, so it never shares a bucket with a configured limit.
 
+/// The Redis Cluster hash slot of a key: CRC16 (XMODEM) of the key, or of its hash tag (the
+/// bytes between the first `{` and the next `}`, when not empty), modulo 16384.
+///
+/// Bucket keys carry no hash tag of their own, so the buckets of one decision spread over the
+/// cluster by their whole keys, and a Cluster store groups them by this slot.
+pub fn cluster_slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16(hashed) % 16_384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
 /// The prefix of every bucket key.
 pub const PREFIX: &[u8] = b"sl:";
 
@@ -112,6 +145,19 @@ mod tests {
             key("d", &[("a", "b", false)], b"1"),
             key("d", &[("a", "b", false)], OVERRIDE_LIMIT_ID)
         );
+    }
+
+    #[test]
+    fn slots_follow_redis_cluster() {
+        // Values given in the Redis Cluster specification and by CLUSTER KEYSLOT.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(cluster_slot(b"foo"), 12_182);
+        assert_eq!(
+            cluster_slot(b"{user1000}.following"),
+            cluster_slot(b"user1000")
+        );
+        assert_eq!(cluster_slot(b"foo{}{bar}"), cluster_slot(b"foo{}{bar}"));
+        assert_ne!(cluster_slot(b"foo{}{bar}"), cluster_slot(b"bar"));
     }
 
     #[test]

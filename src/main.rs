@@ -13,7 +13,7 @@ use sluice::clock::MonotonicClock;
 use sluice::rules;
 use sluice::server::{Addresses, Server};
 use sluice::service::{Bounds, Limiter};
-use sluice::store::{MemoryStore, Store};
+use sluice::store::{MemoryStore, RedisSettings, RedisStore, Store, Topology};
 
 /// A token-bucket rate-limit service for Envoy's global rate-limit filter.
 #[derive(Parser, Debug)]
@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve rate-limit decisions over gRPC (Envoy RLS v3), with an HTTP admin listener.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate rule files and print what each domain limits; exit 1 if any is invalid.
     CheckConfig {
         /// Rule files, or directories of *.yaml / *.yml files.
@@ -49,9 +49,44 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
 
-    /// Keep buckets in Redis at this URL instead of in memory.
-    #[arg(long, env = "SLUICE_REDIS_URL")]
+    /// Keep buckets in a standalone Redis: `redis://[user:password@]host:port[/db]`,
+    /// `rediss://…` (TLS) or `redis+unix:///path/to/socket`.
+    #[arg(long, env = "SLUICE_REDIS_URL", conflicts_with_all = ["redis_sentinels", "redis_cluster_nodes"])]
     redis_url: Option<String>,
+
+    /// Keep buckets in the master that these sentinels (`host:port`, comma-separated) name.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_SENTINELS",
+        value_delimiter = ',',
+        requires = "redis_sentinel_master"
+    )]
+    redis_sentinels: Vec<String>,
+
+    /// The master name the sentinels know.
+    #[arg(long, env = "SLUICE_REDIS_SENTINEL_MASTER")]
+    redis_sentinel_master: Option<String>,
+
+    /// Keep buckets in a Redis Cluster reached through these seed nodes (`host:port`, commas).
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_CLUSTER_NODES",
+        value_delimiter = ',',
+        conflicts_with = "redis_sentinels"
+    )]
+    redis_cluster_nodes: Vec<String>,
+
+    /// A file holding the Redis password (for a password kept out of argv and the environment).
+    #[arg(long, env = "SLUICE_REDIS_PASSWORD_FILE")]
+    redis_password_file: Option<PathBuf>,
+
+    /// Deadline of one Redis call, e.g. `10ms`.
+    #[arg(long, env = "SLUICE_REDIS_TIMEOUT", default_value = "10ms", value_parser = parse_duration)]
+    redis_timeout: Duration,
+
+    /// Multiplexed connections to a standalone or Sentinel Redis.
+    #[arg(long, env = "SLUICE_REDIS_CONNECTIONS", default_value_t = 2)]
+    redis_connections: usize,
 
     /// Most descriptors one request may carry.
     #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = Bounds::default().max_descriptors)]
@@ -84,7 +119,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { paths } => check_config(&paths),
         Command::Serve(args) => {
             init_logging();
-            match serve(args) {
+            match serve(*args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");
@@ -94,6 +129,39 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The Redis store the flags ask for, if any.
+fn redis_settings(args: &ServeArgs) -> anyhow::Result<Option<RedisSettings>> {
+    let topology = if let Some(url) = &args.redis_url {
+        Topology::Standalone { url: url.clone() }
+    } else if !args.redis_sentinels.is_empty() {
+        let master = args.redis_sentinel_master.clone().unwrap_or_default();
+        Topology::Sentinel {
+            sentinels: args.redis_sentinels.clone(),
+            master,
+        }
+    } else if !args.redis_cluster_nodes.is_empty() {
+        Topology::Cluster {
+            nodes: args.redis_cluster_nodes.clone(),
+        }
+    } else {
+        return Ok(None);
+    };
+    let password = match &args.redis_password_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --redis-password-file {}", path.display()))?;
+            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+    };
+    Ok(Some(RedisSettings {
+        topology,
+        password,
+        timeout: args.redis_timeout,
+        connections: args.redis_connections,
+    }))
 }
 
 /// A duration written as a whole number of `ms` or `s`.
@@ -134,13 +202,7 @@ fn check_config(paths: &[PathBuf]) -> ExitCode {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let rules = rules::load_paths(&args.rules).context("invalid rules")?;
-    if args.redis_url.is_some() {
-        anyhow::bail!("--redis-url: the Redis store is not available yet; omit it to use memory");
-    }
-    let store = Store::Memory(MemoryStore::new(
-        args.memory_shards,
-        Arc::new(MonotonicClock::new()),
-    ));
+    let redis = redis_settings(&args)?;
     let bounds = Bounds {
         max_descriptors: args.max_descriptors,
         max_entries: args.max_entries,
@@ -148,12 +210,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_value_bytes: args.max_value_bytes,
     };
     let domains = rules.domains().len();
-    let limiter = Arc::new(Limiter::new(rules, store, bounds));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let store = match redis {
+            None => {
+                let clock = Arc::new(MonotonicClock::new());
+                Store::Memory(MemoryStore::new(args.memory_shards, clock))
+            }
+            Some(settings) => {
+                let redis = RedisStore::connect(&settings)
+                    .await
+                    .context("cannot use Redis")?;
+                Store::Redis(redis)
+            }
+        };
+        let limiter = Arc::new(Limiter::new(rules, store, bounds));
         let addresses = Addresses {
             grpc: args.grpc_addr,
             http: args.http_addr,

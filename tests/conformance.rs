@@ -620,3 +620,13 @@ mod memory {
     use super::common::Backend;
     every_scenario!(Backend::Memory);
 }
+
+mod redis {
+    use super::common::Backend;
+    every_scenario!(Backend::Redis);
+}
+
+mod cluster {
+    use super::common::Backend;
+    every_scenario!(Backend::Cluster);
+}

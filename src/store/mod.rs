@@ -7,11 +7,14 @@
 //! keys only; rules and the wire protocol are the service's business.
 //!
 //! - [`memory`]: the embedded default, exact, in this process.
+//! - [`redis`]: Redis standalone, Sentinel or Cluster, one atomic script call per decision.
 
 pub mod memory;
+pub mod redis;
 
 use crate::bucket::{Report, Shape};
 pub use memory::MemoryStore;
+pub use redis::{RedisSettings, RedisStore, Topology};
 
 /// One bucket a decision touches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +95,16 @@ pub enum StoreError {
     /// The store cannot be reached or did not answer in time; another attempt may succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered with an error that trying again will not cure.
+    #[error("store failed: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    /// Whether the failure may pass by itself (a connection, a timeout, a failover).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// The store a service decides with.
@@ -99,6 +112,8 @@ pub enum StoreError {
 pub enum Store {
     /// Buckets in this process.
     Memory(MemoryStore),
+    /// Buckets in Redis.
+    Redis(RedisStore),
 }
 
 impl Store {
@@ -106,6 +121,7 @@ impl Store {
     pub async fn charge(&self, charges: &[Charge]) -> Result<Decision, StoreError> {
         match self {
             Store::Memory(memory) => Ok(memory.charge(charges)),
+            Store::Redis(redis) => redis.charge(charges).await,
         }
     }
 
@@ -113,6 +129,7 @@ impl Store {
     pub fn memory(&self) -> Option<&MemoryStore> {
         match self {
             Store::Memory(memory) => Some(memory),
+            Store::Redis(_) => None,
         }
     }
 
@@ -120,6 +137,7 @@ impl Store {
     pub fn name(&self) -> &'static str {
         match self {
             Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
         }
     }
 }

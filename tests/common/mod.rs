@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod redis;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,14 +15,62 @@ use sluice::proto::{
 use sluice::rules;
 use sluice::server::{Addresses, Server};
 use sluice::service::{Bounds, Limiter};
-use sluice::store::{MemoryStore, Store};
+use sluice::store::{MemoryStore, RedisSettings, RedisStore, Store, Topology};
 use tonic::transport::Channel;
 
-/// Where the buckets of a test server live.
+/// Where the buckets of a test server live. Every backend decides on a clock the test moves.
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
-    /// The embedded in-memory store, on a clock the test moves.
+    /// The embedded in-memory store.
     Memory,
+    /// A standalone `redis-server` on a unix socket.
+    Redis,
+    /// A Redis Cluster of three masters.
+    Cluster,
+}
+
+/// The Redis processes a test server uses, kept alive as long as it.
+pub enum RedisProcesses {
+    None,
+    Standalone(redis::RedisProcess),
+    Cluster(redis::RedisCluster),
+}
+
+/// Starts what `backend` needs and connects a store to it, deciding on `clock`.
+pub async fn store_for(backend: Backend, clock: Arc<ManualClock>) -> (Store, RedisProcesses) {
+    let settings = |topology| RedisSettings {
+        topology,
+        password: None,
+        // Generous: correctness tests must not fail on a busy machine.
+        timeout: std::time::Duration::from_secs(2),
+        connections: 2,
+    };
+    let redis_clock = clock.clone();
+    let connect = |settings: RedisSettings| async move {
+        let store = RedisStore::connect(&settings)
+            .await
+            .expect("Redis is reachable");
+        Store::Redis(store.with_clock(redis_clock))
+    };
+    match backend {
+        Backend::Memory => (
+            Store::Memory(MemoryStore::new(16, clock.clone())),
+            RedisProcesses::None,
+        ),
+        Backend::Redis => {
+            let server = redis::RedisProcess::on_socket();
+            let store = connect(settings(Topology::Standalone { url: server.url() })).await;
+            (store, RedisProcesses::Standalone(server))
+        }
+        Backend::Cluster => {
+            let cluster = redis::RedisCluster::start();
+            let store = connect(settings(Topology::Cluster {
+                nodes: cluster.seeds(),
+            }))
+            .await;
+            (store, RedisProcesses::Cluster(cluster))
+        }
+    }
 }
 
 /// A server started for one test, and a client connected to it.
@@ -31,6 +80,7 @@ pub struct Harness {
     pub clock: Arc<ManualClock>,
     pub limiter: Arc<Limiter>,
     pub rules_dir: tempfile::TempDir,
+    pub redis: RedisProcesses,
 }
 
 impl Harness {
@@ -47,9 +97,7 @@ impl Harness {
         let rule_set = rules::load_paths(&[file]).expect("the test rules are valid");
         // Far from zero, so that nothing depends on the clock's origin.
         let clock = ManualClock::starting_at(1_000_000_000_000);
-        let store = match backend {
-            Backend::Memory => Store::Memory(MemoryStore::new(16, clock.clone())),
-        };
+        let (store, redis) = store_for(backend, clock.clone()).await;
         let limiter = Arc::new(Limiter::new(rule_set, store, bounds));
         let loopback = "127.0.0.1:0".parse().expect("a socket address");
         let addresses = Addresses {
@@ -66,6 +114,7 @@ impl Harness {
             clock,
             limiter,
             rules_dir,
+            redis,
         }
     }
 

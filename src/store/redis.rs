@@ -1,0 +1,455 @@
+//! The Redis store: every decision is one call of `lua/token_bucket.lua`, so any number of
+//! Sluice instances sharing a Redis enforce one limit exactly.
+//!
+//! - **Standalone** (`redis://`, `rediss://`, `redis+unix://`): a few multiplexed connections
+//!   (redis-rs `ConnectionManager`s, which reconnect by themselves), used in turn. Concurrent
+//!   decisions are pipelined on them; no connection is checked out per decision.
+//! - **Sentinel**: the master is asked of the sentinels at start and again after a failed call,
+//!   so a failover is followed.
+//! - **Cluster**: the charges of a decision are grouped by hash slot and the groups run in
+//!   parallel. A group takes its tokens when its own enforcing buckets hold them; when the
+//!   request as a whole is denied, the groups that took give their tokens back with the same
+//!   script, so a denied request still costs nothing.
+//!
+//! The script is sent with `EVALSHA`, and loaded again when Redis answers `NOSCRIPT` (after a
+//! restart or a `SCRIPT FLUSH`). Every call has a deadline well inside Envoy's 20 ms; a call
+//! that misses it, or a connection that fails, is a transient [`StoreError::Unavailable`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{RedisError, Script};
+use tokio::sync::Mutex;
+
+use super::{Charge, ChargeResult, Decision, Mode, StoreError, verdict};
+use crate::bucket::Report;
+use crate::clock::Clock;
+use crate::key;
+
+/// The one script, with its contract at the top of the file.
+pub const SCRIPT: &str = include_str!("../../lua/token_bucket.lua");
+
+/// Numbers per bucket in the reply, after the leading `passed`.
+const REPLY_STRIDE: usize = 5;
+
+/// Where Redis is and how to talk to it.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// The deployment.
+    pub topology: Topology,
+    /// Password for the Redis nodes (not the sentinels), when not given in the URL.
+    pub password: Option<String>,
+    /// Deadline of one call.
+    pub timeout: Duration,
+    /// Multiplexed connections to a standalone Redis or a Sentinel master.
+    pub connections: usize,
+}
+
+/// A Redis deployment.
+#[derive(Clone, Debug)]
+pub enum Topology {
+    /// One server: `redis://`, `rediss://` (TLS) or `redis+unix://` URL.
+    Standalone {
+        /// The server's URL.
+        url: String,
+    },
+    /// A master found through sentinels.
+    Sentinel {
+        /// Sentinel addresses, as `host:port` or `redis://host:port` URLs.
+        sentinels: Vec<String>,
+        /// The name the sentinels know the master by.
+        master: String,
+    },
+    /// A Redis Cluster.
+    Cluster {
+        /// Seed nodes, as `host:port` or `redis://host:port` URLs.
+        nodes: Vec<String>,
+    },
+}
+
+/// Buckets in Redis.
+pub struct RedisStore {
+    target: Target,
+    script: Script,
+    timeout: Duration,
+    /// Time to decide at instead of Redis's own clock; only tests set it.
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("topology", &self.target.name())
+            .finish()
+    }
+}
+
+enum Target {
+    Standalone {
+        connections: Vec<ConnectionManager>,
+        next: AtomicUsize,
+    },
+    Sentinel(Box<SentinelTarget>),
+    Cluster(ClusterConnection),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Standalone { .. } => "standalone",
+            Target::Sentinel(_) => "sentinel",
+            Target::Cluster(_) => "cluster",
+        }
+    }
+}
+
+/// The master of a Sentinel deployment, found again after a failure.
+struct SentinelTarget {
+    client: Mutex<SentinelClient>,
+    connection: arc_swap::ArcSwapOption<MultiplexedConnection>,
+}
+
+impl SentinelTarget {
+    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+        if let Some(connection) = self.connection.load_full() {
+            return Ok((*connection).clone());
+        }
+        let mut client = self.client.lock().await;
+        // Another decision may have found the master while this one waited.
+        if let Some(connection) = self.connection.load_full() {
+            return Ok((*connection).clone());
+        }
+        let connection = client.get_async_connection().await?;
+        self.connection.store(Some(Arc::new(connection.clone())));
+        Ok(connection)
+    }
+
+    /// Forgets the master after a failed call; the next decision asks the sentinels again.
+    fn forget(&self) {
+        self.connection.store(None);
+    }
+}
+
+fn with_scheme(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("redis://{address}")
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis as `settings` say; fails when it cannot reach it now.
+    pub async fn connect(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        // rustls needs a process-wide crypto provider for `rediss://`; installing it twice is
+        // harmless, so the error of a second install is ignored.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let target = match &settings.topology {
+            Topology::Standalone { url } => {
+                let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                    .map_err(classify)?;
+                if let Some(password) = &settings.password {
+                    let redis = info.redis_settings().clone().set_password(password);
+                    info = info.set_redis_settings(redis);
+                }
+                let client = redis::Client::open(info).map_err(classify)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(None)
+                    .set_number_of_retries(2);
+                let mut connections = Vec::new();
+                for _ in 0..settings.connections.max(1) {
+                    let connection = client
+                        .get_connection_manager_with_config(config.clone())
+                        .await
+                        .map_err(classify)?;
+                    connections.push(connection);
+                }
+                Target::Standalone {
+                    connections,
+                    next: AtomicUsize::new(0),
+                }
+            }
+            Topology::Sentinel { sentinels, master } => {
+                let mut node = redis::RedisConnectionInfo::default();
+                if let Some(password) = &settings.password {
+                    node = node.set_password(password);
+                }
+                let info = SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+                let addresses: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
+                let client = SentinelClient::build(
+                    addresses,
+                    master.clone(),
+                    Some(info),
+                    SentinelServerType::Master,
+                )
+                .map_err(classify)?;
+                let target = SentinelTarget {
+                    client: Mutex::new(client),
+                    connection: arc_swap::ArcSwapOption::empty(),
+                };
+                target.connection().await.map_err(classify)?;
+                Target::Sentinel(Box::new(target))
+            }
+            Topology::Cluster { nodes } => {
+                let nodes: Vec<String> = nodes.iter().map(|n| with_scheme(n)).collect();
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(Duration::from_secs(1))
+                    .retries(3);
+                if let Some(password) = &settings.password {
+                    builder = builder.password(password);
+                }
+                let client = builder.build().map_err(classify)?;
+                Target::Cluster(client.get_async_connection().await.map_err(classify)?)
+            }
+        };
+        Ok(RedisStore {
+            target,
+            script: Script::new(SCRIPT),
+            timeout: settings.timeout,
+            clock: None,
+        })
+    }
+
+    /// Decides at the time of `clock` instead of Redis's `TIME`, so that tests can move time.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> RedisStore {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The deployment's kind: `standalone`, `sentinel` or `cluster`.
+    pub fn topology(&self) -> &'static str {
+        self.target.name()
+    }
+
+    /// Applies one decision's charges atomically; see the [module doc](self).
+    pub async fn charge(&self, charges: &[Charge]) -> Result<Decision, StoreError> {
+        if charges.is_empty() {
+            return Ok(Decision {
+                passed: true,
+                results: Vec::new(),
+            });
+        }
+        match &self.target {
+            Target::Cluster(connection) => self.charge_cluster(connection, charges).await,
+            _ => {
+                let all: Vec<&Charge> = charges.iter().collect();
+                let reply = self.call(&all, Op::Decide, |mode| mode).await?;
+                decode(&all, &reply)
+            }
+        }
+    }
+
+    async fn charge_cluster(
+        &self,
+        connection: &ClusterConnection,
+        charges: &[Charge],
+    ) -> Result<Decision, StoreError> {
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, charge) in charges.iter().enumerate() {
+            let slot = key::cluster_slot(&charge.key);
+            match groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((slot, vec![i])),
+            }
+        }
+        // Quota-mode descriptors may span groups, so no group can judge them: each group
+        // enforces only its plain buckets, and the verdict over all groups is taken here.
+        let local = |mode: Mode| match mode {
+            Mode::Quota { .. } => Mode::Shadow,
+            other => other,
+        };
+        let calls = groups.iter().map(|(_, members)| {
+            let group: Vec<&Charge> = members.iter().map(|&i| &charges[i]).collect();
+            let mut connection = connection.clone();
+            async move {
+                let reply = self
+                    .call_on(&mut connection, &group, Op::Decide, local)
+                    .await?;
+                decode(&group, &reply)
+            }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+
+        let mut held = vec![false; charges.len()];
+        let mut results = vec![None; charges.len()];
+        let mut failure = None;
+        let mut took = Vec::new();
+        for ((_, members), answer) in groups.iter().zip(answers) {
+            match answer {
+                Ok(group) => {
+                    if group.passed {
+                        took.push(members);
+                    }
+                    for (&i, result) in members.iter().zip(group.results) {
+                        held[i] = result.held;
+                        results[i] = Some(result);
+                    }
+                }
+                Err(error) => failure = Some(error),
+            }
+        }
+        let passed = failure.is_none() && verdict(charges, &held);
+        if !passed {
+            // Give back what the groups that passed took; their refund reports are the buckets
+            // as they are without this request.
+            for members in took {
+                let group: Vec<&Charge> = members.iter().map(|&i| &charges[i]).collect();
+                let mut connection = connection.clone();
+                let reply = self
+                    .call_on(&mut connection, &group, Op::Refund, local)
+                    .await?;
+                for (&i, result) in members.iter().zip(decode(&group, &reply)?.results) {
+                    results[i] = Some(ChargeResult {
+                        held: held[i],
+                        report: result.report,
+                    });
+                }
+            }
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let results = results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or(ChargeResult {
+                    held: false,
+                    report: None,
+                })
+            })
+            .collect();
+        Ok(Decision { passed, results })
+    }
+
+    /// One script call on a standalone or Sentinel connection.
+    async fn call(
+        &self,
+        charges: &[&Charge],
+        op: Op,
+        mode: impl Fn(Mode) -> Mode,
+    ) -> Result<Vec<i64>, StoreError> {
+        match &self.target {
+            Target::Standalone { connections, next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % connections.len();
+                let mut connection = connections[i].clone();
+                self.call_on(&mut connection, charges, op, mode).await
+            }
+            Target::Sentinel(sentinel) => {
+                let mut connection = sentinel.connection().await.map_err(classify)?;
+                let answer = self.call_on(&mut connection, charges, op, mode).await;
+                if matches!(answer, Err(StoreError::Unavailable(_))) {
+                    sentinel.forget();
+                }
+                answer
+            }
+            Target::Cluster(connection) => {
+                let mut connection = connection.clone();
+                self.call_on(&mut connection, charges, op, mode).await
+            }
+        }
+    }
+
+    async fn call_on(
+        &self,
+        connection: &mut (impl ConnectionLike + Send),
+        charges: &[&Charge],
+        op: Op,
+        mode: impl Fn(Mode) -> Mode,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        let now = self.clock.as_ref().map_or(0, |clock| clock.now_us());
+        invocation.arg(now).arg(op as u8);
+        for charge in charges {
+            invocation.key(charge.key.as_slice());
+            match charge.shape {
+                Some(shape) => invocation
+                    .arg(shape.tick_us())
+                    .arg(shape.refill_per_tick())
+                    .arg(shape.units_per_token())
+                    .arg(shape.capacity()),
+                None => invocation.arg(1).arg(1).arg(1).arg(0),
+            };
+            let mode = match mode(charge.mode) {
+                Mode::Enforce => 0,
+                Mode::Shadow => 1,
+                Mode::Quota { group } => 2 + u64::from(group),
+            };
+            invocation.arg(charge.hits).arg(mode);
+        }
+        let call = invocation.invoke_async::<Vec<i64>>(connection);
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(reply) => reply.map_err(classify),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "Redis did not answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Decide = 0,
+    Refund = 1,
+}
+
+fn decode(charges: &[&Charge], reply: &[i64]) -> Result<Decision, StoreError> {
+    let malformed = || StoreError::Failed(format!("malformed script reply: {reply:?}"));
+    if reply.len() != 1 + REPLY_STRIDE * charges.len() {
+        return Err(malformed());
+    }
+    let number = |v: i64| u64::try_from(v).map_err(|_| malformed());
+    let mut results = Vec::with_capacity(charges.len());
+    for (charge, fields) in charges.iter().zip(reply[1..].chunks(REPLY_STRIDE)) {
+        let report = match charge.shape {
+            None => None,
+            Some(_) => Some(Report {
+                remaining: number(fields[1])?,
+                until_full_us: number(fields[2])?,
+                until_hits_us: (fields[3] >= 0).then_some(fields[3].unsigned_abs()),
+            }),
+        };
+        results.push(ChargeResult {
+            held: fields[0] == 1,
+            report,
+        });
+    }
+    Ok(Decision {
+        passed: reply[0] == 1,
+        results,
+    })
+}
+
+/// Sorts a Redis error: transient ones (the connection, a timeout, a failover or resharding
+/// under way) may succeed if tried again or elsewhere; the rest point at a defect.
+fn classify(error: RedisError) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let transient = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::ClusterDown
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::BusyLoading
+                        | ServerErrorKind::ReadOnly
+                )
+        );
+    if transient {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Failed(error.to_string())
+    }
+}
