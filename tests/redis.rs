@@ -1,0 +1,235 @@
+//! The Redis store against real `redis-server` processes: the script agrees with the model,
+//! several instances share one limit exactly, a flushed script cache costs no decision.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::redis::RedisProcess;
+use common::{Backend, Harness, codes, descriptor, request};
+use proptest::prelude::*;
+use sluice::bucket::Shape;
+use sluice::clock::ManualClock;
+use sluice::proto::Code;
+use sluice::store::{Charge, MemoryStore, Mode, RedisSettings, RedisStore, Topology};
+
+fn settings(topology: Topology) -> RedisSettings {
+    RedisSettings {
+        topology,
+        password: None,
+        timeout: Duration::from_secs(2),
+        connections: 2,
+    }
+}
+
+async fn standalone(server: &RedisProcess) -> RedisStore {
+    let url = server.url();
+    RedisStore::connect(&settings(Topology::Standalone { url }))
+        .await
+        .expect("Redis answers")
+}
+
+/// One step of a property run: wait, then ask each bucket for hits (0: check only).
+#[derive(Clone, Debug)]
+struct Step {
+    wait_us: u64,
+    hits: Vec<u64>,
+    modes: Vec<u8>,
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    let step = (
+        0..3_000_000u64,
+        prop::collection::vec(0..6u64, 3),
+        prop::collection::vec(0..3u8, 3),
+    )
+        .prop_map(|(wait_us, hits, modes)| Step {
+            wait_us,
+            hits,
+            modes,
+        });
+    prop::collection::vec(step, 1..40)
+}
+
+fn shapes() -> impl Strategy<Value = Vec<(u64, u64, u64)>> {
+    let shape = (
+        1..=1_000u64,
+        prop_oneof![Just(1u64), Just(60), Just(3_600)],
+        1..=10u64,
+    );
+    prop::collection::vec(shape, 3)
+}
+
+/// The script and the Rust model (the memory store) give the same answers, decision by
+/// decision, for random limits, waits, hits, check-only requests and modes.
+#[test]
+fn the_script_agrees_with_the_model() {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let server = RedisProcess::on_socket();
+    let run = AtomicUsize::new(0);
+    let config = ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(shapes in shapes(), steps in steps())| {
+        let run = run.fetch_add(1, Ordering::Relaxed);
+        let clock = ManualClock::starting_at(1_700_000_000_000_000);
+        let memory = MemoryStore::new(4, clock.clone());
+        let shapes: Vec<Shape> = shapes
+            .iter()
+            .map(|&(r, p, c)| Shape::new(r, p * 1_000_000, c).expect("a shape"))
+            .collect();
+        let redis = runtime.block_on(standalone(&server)).with_clock(clock.clone());
+        for step in steps {
+            clock.advance(step.wait_us);
+            let charges: Vec<Charge> = (0..3)
+                .map(|b| Charge {
+                    key: format!("prop:{run}:{b}").into_bytes(),
+                    shape: Some(shapes[b]),
+                    hits: step.hits[b],
+                    mode: match step.modes[b] {
+                        0 => Mode::Enforce,
+                        1 => Mode::Shadow,
+                        _ => Mode::Quota { group: b as u32 },
+                    },
+                })
+                .collect();
+            let expected = memory.charge(&charges);
+            let actual = runtime.block_on(redis.charge(&charges)).expect("a decision");
+            prop_assert_eq!(actual, expected);
+        }
+    });
+}
+
+/// Four service instances share one Redis: hundreds of concurrent requests against one bucket
+/// of 100 grant exactly 100.
+async fn four_instances_grant_exactly_the_limit(backend: Backend) {
+    let rules = "domain: shared\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, requests_per_unit: 100}\n";
+    // The harness starts Redis; its own server decides on the test's clock, so it is not
+    // one of the four.
+    let first = Harness::start(backend, rules).await;
+    let mut instances = Vec::new();
+    let mut servers = Vec::new();
+    for _ in 0..4 {
+        // Every instance has its own store and connections to the same Redis, and reads
+        // Redis's own clock.
+        let store = match &first.redis {
+            common::RedisProcesses::Standalone(server) => {
+                sluice::store::Store::Redis(standalone(server).await)
+            }
+            common::RedisProcesses::Cluster(cluster) => {
+                let nodes = cluster.seeds();
+                let store = RedisStore::connect(&settings(Topology::Cluster { nodes })).await;
+                sluice::store::Store::Redis(store.expect("the cluster answers"))
+            }
+            common::RedisProcesses::None => unreachable!("a Redis backend"),
+        };
+        let set = sluice::rules::load_paths(&[first.rules_path()]).expect("valid rules");
+        let limiter = Arc::new(sluice::service::Limiter::new(
+            set,
+            store,
+            Default::default(),
+        ));
+        let loopback = "127.0.0.1:0".parse().expect("an address");
+        let addresses = sluice::server::Addresses {
+            grpc: loopback,
+            http: loopback,
+        };
+        let server = sluice::server::Server::start(limiter, addresses)
+            .await
+            .expect("it starts");
+        instances.push(common::connect(&server).await);
+        servers.push(server);
+    }
+    let tasks: Vec<_> = (0..256)
+        .map(|i| {
+            let mut client = instances[i % instances.len()].clone();
+            tokio::spawn(async move {
+                let ask = request("shared", vec![descriptor(&[("k", "one")])]);
+                let response = client.should_rate_limit(ask).await.expect("a decision");
+                usize::from(response.into_inner().overall_code == Code::Ok as i32)
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for task in tasks {
+        granted += task.await.expect("the task ends");
+    }
+    assert_eq!(granted, 100);
+    for server in servers {
+        server.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_on_one_redis_grant_exactly_the_limit() {
+    four_instances_grant_exactly_the_limit(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_on_a_cluster_grant_exactly_the_limit() {
+    four_instances_grant_exactly_the_limit(Backend::Cluster).await;
+}
+
+/// `SCRIPT FLUSH` in the middle of a run: the script is loaded again and no decision fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_script_cache_costs_no_decision() {
+    let server = RedisProcess::on_socket();
+    let store = Arc::new(standalone(&server).await);
+    let shape = Shape::new(1_000_000, 1_000_000, 1_000_000).expect("a shape");
+    let done = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut decided = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let key = format!("flush:{w}").into_bytes();
+                    let charge = Charge {
+                        key,
+                        shape: Some(shape),
+                        hits: 1,
+                        mode: Mode::Enforce,
+                    };
+                    let decision = store.charge(&[charge]).await.expect("no decision fails");
+                    assert!(decision.passed);
+                    decided += 1;
+                }
+                decided
+            })
+        })
+        .collect();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut decided = 0;
+    for worker in workers {
+        decided += worker.await.expect("the worker ends");
+    }
+    assert!(decided > 0);
+}
+
+/// A bucket is a key with a time to live: it disappears when it would be full again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_expire_when_full() {
+    let rules = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 60}\n";
+    let mut h = Harness::start(Backend::Redis, rules).await;
+    assert_eq!(codes(&h.one("d", &[("k", "v")]).await), [(Code::Ok, 59)]);
+    let common::RedisProcesses::Standalone(server) = &h.redis else {
+        unreachable!()
+    };
+    let keys = server.cli(&["KEYS", "sl:*"]);
+    let key = keys.trim();
+    assert!(key.starts_with("sl:1:d"), "{keys}");
+    // One token of 60 per minute: full again in a second, the shortest time to live.
+    let ttl: i64 = server
+        .cli(&["PTTL", key])
+        .trim()
+        .parse()
+        .expect("a time to live");
+    assert!((1..=1_000).contains(&ttl), "{ttl}");
+}
