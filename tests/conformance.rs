@@ -630,3 +630,8 @@ mod cluster {
     use super::common::Backend;
     every_scenario!(Backend::Cluster);
 }
+
+mod sentinel {
+    use super::common::Backend;
+    every_scenario!(Backend::Sentinel);
+}

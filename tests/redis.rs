@@ -124,7 +124,7 @@ async fn four_instances_grant_exactly_the_limit(backend: Backend) {
                 let store = RedisStore::connect(&settings(Topology::Cluster { nodes })).await;
                 sluice::store::Store::Redis(store.expect("the cluster answers"))
             }
-            common::RedisProcesses::None => unreachable!("a Redis backend"),
+            _ => unreachable!("a standalone or Cluster backend"),
         };
         let set = sluice::rules::load_paths(&[first.rules_path()]).expect("valid rules");
         let limiter = Arc::new(sluice::service::Limiter::new(

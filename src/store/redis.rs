@@ -342,8 +342,15 @@ impl RedisStore {
                 self.call_on(&mut connection, charges, op, mode).await
             }
             Target::Sentinel(sentinel) => {
-                let mut connection = sentinel.connection().await.map_err(classify)?;
-                let answer = self.call_on(&mut connection, charges, op, mode).await;
+                // Finding the master counts against the same deadline as the call itself.
+                let call = async {
+                    let mut connection = sentinel.connection().await.map_err(classify)?;
+                    self.call_on(&mut connection, charges, op, mode).await
+                };
+                let answer = match tokio::time::timeout(self.timeout, call).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(self.late()),
+                };
                 if matches!(answer, Err(StoreError::Unavailable(_))) {
                     sentinel.forget();
                 }
@@ -386,11 +393,15 @@ impl RedisStore {
         let call = invocation.invoke_async::<Vec<i64>>(connection);
         match tokio::time::timeout(self.timeout, call).await {
             Ok(reply) => reply.map_err(classify),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "Redis did not answer within {} ms",
-                self.timeout.as_millis()
-            ))),
+            Err(_) => Err(self.late()),
         }
+    }
+
+    fn late(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "Redis did not answer within {} ms",
+            self.timeout.as_millis()
+        ))
     }
 }
 

@@ -27,6 +27,8 @@ pub enum Backend {
     Redis,
     /// A Redis Cluster of three masters.
     Cluster,
+    /// A master with a replica, found through three sentinels.
+    Sentinel,
 }
 
 /// The Redis processes a test server uses, kept alive as long as it.
@@ -34,6 +36,7 @@ pub enum RedisProcesses {
     None,
     Standalone(redis::RedisProcess),
     Cluster(redis::RedisCluster),
+    Sentinel(redis::SentinelSetup),
 }
 
 /// Starts what `backend` needs and connects a store to it, deciding on `clock`.
@@ -69,6 +72,16 @@ pub async fn store_for(backend: Backend, clock: Arc<ManualClock>) -> (Store, Red
             }))
             .await;
             (store, RedisProcesses::Cluster(cluster))
+        }
+        Backend::Sentinel => {
+            let setup = redis::SentinelSetup::start_serving();
+            let master = redis::MASTER_NAME.to_owned();
+            let topology = Topology::Sentinel {
+                sentinels: setup.sentinels(),
+                master,
+            };
+            let store = connect(settings(topology)).await;
+            (store, RedisProcesses::Sentinel(setup))
         }
     }
 }

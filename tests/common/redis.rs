@@ -158,14 +158,27 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts three cluster-enabled servers and joins them with `redis-cli --cluster create`.
     pub fn start() -> RedisCluster {
+        RedisCluster::start_nodes(3, 0)
+    }
+
+    fn start_nodes(count: usize, replicas: usize) -> RedisCluster {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let nodes: Vec<RedisProcess> = (0..3)
+        let nodes: Vec<RedisProcess> = (0..count)
             .map(|i| {
                 let node_dir = dir.path().join(format!("node{i}"));
                 std::fs::create_dir(&node_dir).expect("a node directory");
                 RedisProcess::on_port(
                     &node_dir,
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                    // A replica of a lost master takes over however long ago it last heard from
+                    // it: an idle test cluster would otherwise count as too stale to fail over.
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
                 )
             })
             .collect();
@@ -177,7 +190,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -204,5 +217,132 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port.expect("a port")))
             .collect()
+    }
+}
+
+impl RedisCluster {
+    /// Starts six cluster-enabled servers, three masters each with a replica.
+    pub fn start_with_replicas() -> RedisCluster {
+        RedisCluster::start_nodes(6, 1)
+    }
+}
+
+/// A master, a replica, and three sentinels watching them under the name `mymaster`.
+pub struct SentinelSetup {
+    /// The master at start.
+    pub master: RedisProcess,
+    /// The replica at start.
+    pub replica: RedisProcess,
+    sentinels: Vec<(Child, u16)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for SentinelSetup {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The name the sentinels know the master by.
+pub const MASTER_NAME: &str = "mymaster";
+
+impl SentinelSetup {
+    /// Starts the master, the replica and the sentinels, and waits until the sentinels know
+    /// the replica and each other (so that a failover can be agreed).
+    pub fn start() -> SentinelSetup {
+        SentinelSetup::start_waiting(true)
+    }
+
+    /// Starts it all, waiting only until the sentinels name the master: enough to serve.
+    pub fn start_serving() -> SentinelSetup {
+        SentinelSetup::start_waiting(false)
+    }
+
+    fn start_waiting(for_quorum: bool) -> SentinelSetup {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let master = RedisProcess::on_port(dir.path(), &[]);
+        let master_port = master.port.expect("a port").to_string();
+        let replica_dir = dir.path().join("replica");
+        std::fs::create_dir(&replica_dir).expect("a directory");
+        let replica =
+            RedisProcess::on_port(&replica_dir, &["--replicaof", "127.0.0.1", &master_port]);
+        let sentinels = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let config = dir.path().join(format!("sentinel{i}.conf"));
+                let text = format!(
+                    "port {port}\nbind 127.0.0.1\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 5000\n"
+                );
+                std::fs::write(&config, text).expect("the sentinel config is written");
+                let child = Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .current_dir(dir.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("a sentinel starts");
+                (child, port)
+            })
+            .collect();
+        let setup = SentinelSetup {
+            master,
+            replica,
+            sentinels,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (_, port) in &setup.sentinels {
+            loop {
+                let knows_replica =
+                    setup.sentinel_cli(*port, &["SENTINEL", "REPLICAS", MASTER_NAME]);
+                let knows_others =
+                    setup.sentinel_cli(*port, &["SENTINEL", "SENTINELS", MASTER_NAME]);
+                let others = knows_others.lines().filter(|l| l.trim() == "name").count();
+                let names_master = setup
+                    .sentinel_cli(*port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME]);
+                let settled = knows_replica.contains("slave") && others >= 2;
+                if (for_quorum && settled) || (!for_quorum && names_master.contains("127.0.0.1")) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the sentinels did not settle within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        setup
+    }
+
+    fn sentinel_cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The sentinels, as `host:port`.
+    pub fn sentinels(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|(_, port)| format!("127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// The port of the master the sentinels name now.
+    pub fn current_master_port(&self) -> Option<u16> {
+        let (_, port) = self.sentinels.first()?;
+        let answer =
+            self.sentinel_cli(*port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME]);
+        answer.lines().nth(1)?.trim().parse().ok()
     }
 }
