@@ -27,7 +27,15 @@ fn start_redis() -> Server {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let socket = dir.path().join("redis.sock");
     let child = Command::new("redis-server")
-        .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+        ])
         .arg(&socket)
         .stdout(Stdio::null())
         .spawn()
@@ -37,7 +45,11 @@ fn start_redis() -> Server {
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
-    Server { child, url: format!("redis+unix://{}", socket.display()), _dir: dir }
+    Server {
+        child,
+        url: format!("redis+unix://{}", socket.display()),
+        _dir: dir,
+    }
 }
 
 fn charges(count: usize, salt: u64) -> Vec<Charge> {
@@ -56,12 +68,18 @@ fn bench_redis(c: &mut Criterion) {
     let server = start_redis();
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let settings = RedisSettings {
-        topology: Topology::Standalone { url: server.url.clone() },
+        topology: Topology::Standalone {
+            url: server.url.clone(),
+        },
         password: None,
         timeout: Duration::from_secs(1),
         connections: 2,
     };
-    let store = Arc::new(runtime.block_on(RedisStore::connect(&settings)).expect("connected"));
+    let store = Arc::new(
+        runtime
+            .block_on(RedisStore::connect(&settings))
+            .expect("connected"),
+    );
     for descriptors in [1, 5] {
         let name = format!("redis/decision {descriptors} descriptor(s), one at a time");
         let mut salt = 0;

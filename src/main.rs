@@ -113,6 +113,10 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
+    /// Threads that serve requests; default: one per core.
+    #[arg(long, env = "SLUICE_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+
     /// Shards of the in-memory store (more shards, less waiting between cores).
     #[arg(long, env = "SLUICE_MEMORY_SHARDS", default_value_t = 64)]
     memory_shards: usize,
@@ -215,7 +219,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_value_bytes: args.max_value_bytes,
     };
     let domains = rules.domains().len();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.worker_threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -81,7 +81,9 @@ fn the_script_agrees_with_the_model() {
             .iter()
             .map(|&(r, p, c)| Shape::new(r, p * 1_000_000, c).expect("a shape"))
             .collect();
-        let redis = runtime.block_on(standalone(&server)).with_clock(clock.clone());
+        let settings = settings(Topology::Standalone { url: server.url() });
+        let redis = RedisStore::connect_with_clock(&settings, Some(clock.clone()));
+        let redis = runtime.block_on(redis).expect("Redis answers");
         for step in steps {
             clock.advance(step.wait_us);
             let charges: Vec<Charge> = (0..3)

@@ -90,7 +90,7 @@ pub fn verdict(charges: &[Charge], held: &[bool]) -> bool {
 }
 
 /// Why a store could not decide.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or did not answer in time; another attempt may succeed.
     #[error("store unavailable: {0}")]

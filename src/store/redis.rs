@@ -2,10 +2,13 @@
 //! Sluice instances sharing a Redis enforce one limit exactly.
 //!
 //! - **Standalone** (`redis://`, `rediss://`, `redis+unix://`): a few multiplexed connections
-//!   (redis-rs `ConnectionManager`s, which reconnect by themselves), used in turn. Concurrent
-//!   decisions are pipelined on them; no connection is checked out per decision.
-//! - **Sentinel**: the master is asked of the sentinels at start and again after a failed call,
-//!   so a failover is followed.
+//!   (redis-rs `ConnectionManager`s, which reconnect by themselves), each fed by a dispatcher
+//!   task. A dispatcher sends every decision waiting for its connection in one script call
+//!   (each decision still atomic and all or nothing on its own), so under load many decisions
+//!   share one round trip, and when idle a decision goes out at once. No connection is checked
+//!   out per decision.
+//! - **Sentinel**: the same, on the master the sentinels name; it is asked of them again after
+//!   a failed call, so a failover is followed.
 //! - **Cluster**: the charges of a decision are grouped by hash slot and the groups run in
 //!   parallel. A group takes its tokens when its own enforcing buckets hold them; when the
 //!   request as a whole is denied, the groups that took give their tokens back with the same
@@ -25,7 +28,7 @@ use redis::aio::{
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{RedisError, Script};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Charge, ChargeResult, Decision, Mode, StoreError, verdict};
 use crate::bucket::Report;
@@ -35,8 +38,14 @@ use crate::key;
 /// The one script, with its contract at the top of the file.
 pub const SCRIPT: &str = include_str!("../../lua/token_bucket.lua");
 
-/// Numbers per bucket in the reply, after the leading `passed`.
-const REPLY_STRIDE: usize = 5;
+/// Numbers per bucket in the reply, after each decision's leading `passed`.
+const REPLY_STRIDE: usize = 4;
+
+/// Decisions sent together in one script call, at most.
+const MAX_BATCH: usize = 64;
+
+/// Decisions waiting for one connection, at most; past that, callers wait to queue.
+const LANE_DEPTH: usize = 1_024;
 
 /// Where Redis is and how to talk to it.
 #[derive(Clone, Debug)]
@@ -75,6 +84,13 @@ pub enum Topology {
 
 /// Buckets in Redis.
 pub struct RedisStore {
+    inner: Arc<Inner>,
+    /// Standalone and Sentinel: the queues of the connections' dispatchers.
+    lanes: Vec<mpsc::Sender<Job>>,
+    next_lane: AtomicUsize,
+}
+
+struct Inner {
     target: Target,
     script: Script,
     timeout: Duration,
@@ -85,16 +101,19 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("topology", &self.target.name())
+            .field("topology", &self.inner.target.name())
             .finish()
     }
 }
 
+/// One decision waiting for its connection's next script call.
+struct Job {
+    charges: Vec<Charge>,
+    answer: oneshot::Sender<Result<Decision, StoreError>>,
+}
+
 enum Target {
-    Standalone {
-        connections: Vec<ConnectionManager>,
-        next: AtomicUsize,
-    },
+    Standalone(Vec<ConnectionManager>),
     Sentinel(Box<SentinelTarget>),
     Cluster(ClusterConnection),
 }
@@ -102,7 +121,7 @@ enum Target {
 impl Target {
     fn name(&self) -> &'static str {
         match self {
-            Target::Standalone { .. } => "standalone",
+            Target::Standalone(_) => "standalone",
             Target::Sentinel(_) => "sentinel",
             Target::Cluster(_) => "cluster",
         }
@@ -144,88 +163,110 @@ fn with_scheme(address: &str) -> String {
     }
 }
 
+async fn connect_target(settings: &RedisSettings) -> Result<Target, StoreError> {
+    let target = match &settings.topology {
+        Topology::Standalone { url } => {
+            let mut info =
+                redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(classify)?;
+            if let Some(password) = &settings.password {
+                let redis = info.redis_settings().clone().set_password(password);
+                info = info.set_redis_settings(redis);
+            }
+            let client = redis::Client::open(info).map_err(classify)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(None)
+                .set_number_of_retries(2);
+            let mut connections = Vec::new();
+            for _ in 0..settings.connections.max(1) {
+                let connection = client
+                    .get_connection_manager_with_config(config.clone())
+                    .await
+                    .map_err(classify)?;
+                connections.push(connection);
+            }
+            Target::Standalone(connections)
+        }
+        Topology::Sentinel { sentinels, master } => {
+            let mut node = redis::RedisConnectionInfo::default();
+            if let Some(password) = &settings.password {
+                node = node.set_password(password);
+            }
+            let info = SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+            let addresses: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
+            let client = SentinelClient::build(
+                addresses,
+                master.clone(),
+                Some(info),
+                SentinelServerType::Master,
+            )
+            .map_err(classify)?;
+            let target = SentinelTarget {
+                client: Mutex::new(client),
+                connection: arc_swap::ArcSwapOption::empty(),
+            };
+            target.connection().await.map_err(classify)?;
+            Target::Sentinel(Box::new(target))
+        }
+        Topology::Cluster { nodes } => {
+            let nodes: Vec<String> = nodes.iter().map(|n| with_scheme(n)).collect();
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(Duration::from_secs(1))
+                .retries(3);
+            if let Some(password) = &settings.password {
+                builder = builder.password(password);
+            }
+            let client = builder.build().map_err(classify)?;
+            Target::Cluster(client.get_async_connection().await.map_err(classify)?)
+        }
+    };
+    Ok(target)
+}
+
 impl RedisStore {
     /// Connects to Redis as `settings` say; fails when it cannot reach it now.
     pub async fn connect(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        RedisStore::connect_with_clock(settings, None).await
+    }
+
+    /// Connects, deciding at the time of `clock` (when given) instead of Redis's `TIME`, so
+    /// that tests can move time.
+    pub async fn connect_with_clock(
+        settings: &RedisSettings,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<RedisStore, StoreError> {
         // rustls needs a process-wide crypto provider for `rediss://`; installing it twice is
         // harmless, so the error of a second install is ignored.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let target = match &settings.topology {
-            Topology::Standalone { url } => {
-                let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                    .map_err(classify)?;
-                if let Some(password) = &settings.password {
-                    let redis = info.redis_settings().clone().set_password(password);
-                    info = info.set_redis_settings(redis);
-                }
-                let client = redis::Client::open(info).map_err(classify)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(1)))
-                    .set_response_timeout(None)
-                    .set_number_of_retries(2);
-                let mut connections = Vec::new();
-                for _ in 0..settings.connections.max(1) {
-                    let connection = client
-                        .get_connection_manager_with_config(config.clone())
-                        .await
-                        .map_err(classify)?;
-                    connections.push(connection);
-                }
-                Target::Standalone {
-                    connections,
-                    next: AtomicUsize::new(0),
-                }
-            }
-            Topology::Sentinel { sentinels, master } => {
-                let mut node = redis::RedisConnectionInfo::default();
-                if let Some(password) = &settings.password {
-                    node = node.set_password(password);
-                }
-                let info = SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
-                let addresses: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
-                let client = SentinelClient::build(
-                    addresses,
-                    master.clone(),
-                    Some(info),
-                    SentinelServerType::Master,
-                )
-                .map_err(classify)?;
-                let target = SentinelTarget {
-                    client: Mutex::new(client),
-                    connection: arc_swap::ArcSwapOption::empty(),
-                };
-                target.connection().await.map_err(classify)?;
-                Target::Sentinel(Box::new(target))
-            }
-            Topology::Cluster { nodes } => {
-                let nodes: Vec<String> = nodes.iter().map(|n| with_scheme(n)).collect();
-                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
-                    .connection_timeout(Duration::from_secs(1))
-                    .retries(3);
-                if let Some(password) = &settings.password {
-                    builder = builder.password(password);
-                }
-                let client = builder.build().map_err(classify)?;
-                Target::Cluster(client.get_async_connection().await.map_err(classify)?)
-            }
+        let target = connect_target(settings).await?;
+        let lanes = match &target {
+            Target::Standalone(connections) => connections.len(),
+            Target::Sentinel(_) => settings.connections.max(1),
+            Target::Cluster(_) => 0,
         };
-        Ok(RedisStore {
+        let inner = Arc::new(Inner {
             target,
             script: Script::new(SCRIPT),
             timeout: settings.timeout,
-            clock: None,
+            clock,
+        });
+        let lanes = (0..lanes)
+            .map(|lane| {
+                let (send, receive) = mpsc::channel(LANE_DEPTH);
+                tokio::spawn(dispatch(inner.clone(), lane, receive));
+                send
+            })
+            .collect();
+        Ok(RedisStore {
+            inner,
+            lanes,
+            next_lane: AtomicUsize::new(0),
         })
-    }
-
-    /// Decides at the time of `clock` instead of Redis's `TIME`, so that tests can move time.
-    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> RedisStore {
-        self.clock = Some(clock);
-        self
     }
 
     /// The deployment's kind: `standalone`, `sentinel` or `cluster`.
     pub fn topology(&self) -> &'static str {
-        self.target.name()
+        self.inner.target.name()
     }
 
     /// Applies one decision's charges atomically; see the [module doc](self).
@@ -236,12 +277,111 @@ impl RedisStore {
                 results: Vec::new(),
             });
         }
+        if let Target::Cluster(connection) = &self.inner.target {
+            return self.inner.charge_cluster(connection, charges).await;
+        }
+        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let (answer, answered) = oneshot::channel();
+        let job = Job {
+            charges: charges.to_vec(),
+            answer,
+        };
+        let queued = async {
+            self.lanes[lane].send(job).await.map_err(|_| stopped())?;
+            answered.await.map_err(|_| stopped())?
+        };
+        match tokio::time::timeout(self.inner.timeout, queued).await {
+            Ok(decision) => decision,
+            Err(_) => Err(self.inner.late()),
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Failed("the Redis dispatcher has stopped".to_owned())
+}
+
+/// Feeds one connection: takes every decision waiting (up to [`MAX_BATCH`]), sends them in one
+/// script call, and answers each.
+async fn dispatch(inner: Arc<Inner>, lane: usize, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(job) = jobs.recv().await {
+        batch.push(job);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // A caller that gave up no longer needs its decision.
+        batch.retain(|job| !job.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let decisions: Vec<Vec<&Charge>> = batch
+            .iter()
+            .map(|job| job.charges.iter().collect())
+            .collect();
+        let answers = match inner.call_lane(lane, &decisions).await {
+            Ok(reply) => decode(&decisions, &reply),
+            Err(error) => Err(error),
+        };
+        drop(decisions);
+        match answers {
+            Ok(answers) => {
+                for (job, answer) in batch.drain(..).zip(answers) {
+                    let _ = job.answer.send(Ok(answer));
+                }
+            }
+            Err(error) => {
+                for job in batch.drain(..) {
+                    let _ = job.answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn late(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "Redis did not answer within {} ms",
+            self.timeout.as_millis()
+        ))
+    }
+
+    /// One script call with `decisions` on the connection of `lane`.
+    async fn call_lane(
+        &self,
+        lane: usize,
+        decisions: &[Vec<&Charge>],
+    ) -> Result<Vec<i64>, StoreError> {
         match &self.target {
-            Target::Cluster(connection) => self.charge_cluster(connection, charges).await,
-            _ => {
-                let all: Vec<&Charge> = charges.iter().collect();
-                let reply = self.call(&all, Op::Decide, |mode| mode).await?;
-                decode(&all, &reply)
+            Target::Standalone(connections) => {
+                let mut connection = connections[lane % connections.len()].clone();
+                self.call_on(&mut connection, decisions, Op::Decide, |mode| mode)
+                    .await
+            }
+            Target::Sentinel(sentinel) => {
+                // Finding the master counts against the same deadline as the call itself.
+                let call = async {
+                    let mut connection = sentinel.connection().await.map_err(classify)?;
+                    self.call_on(&mut connection, decisions, Op::Decide, |mode| mode)
+                        .await
+                };
+                let answer = match tokio::time::timeout(self.timeout, call).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(self.late()),
+                };
+                if matches!(answer, Err(StoreError::Unavailable(_))) {
+                    sentinel.forget();
+                }
+                answer
+            }
+            Target::Cluster(connection) => {
+                let mut connection = connection.clone();
+                self.call_on(&mut connection, decisions, Op::Decide, |mode| mode)
+                    .await
             }
         }
     }
@@ -269,10 +409,8 @@ impl RedisStore {
             let group: Vec<&Charge> = members.iter().map(|&i| &charges[i]).collect();
             let mut connection = connection.clone();
             async move {
-                let reply = self
-                    .call_on(&mut connection, &group, Op::Decide, local)
-                    .await?;
-                decode(&group, &reply)
+                self.call_one(&mut connection, group, Op::Decide, local)
+                    .await
             }
         });
         let answers = futures_util::future::join_all(calls).await;
@@ -302,10 +440,10 @@ impl RedisStore {
             for members in took {
                 let group: Vec<&Charge> = members.iter().map(|&i| &charges[i]).collect();
                 let mut connection = connection.clone();
-                let reply = self
-                    .call_on(&mut connection, &group, Op::Refund, local)
+                let refunded = self
+                    .call_one(&mut connection, group, Op::Refund, local)
                     .await?;
-                for (&i, result) in members.iter().zip(decode(&group, &reply)?.results) {
+                for (&i, result) in members.iter().zip(refunded.results) {
                     results[i] = Some(ChargeResult {
                         held: held[i],
                         report: result.report,
@@ -328,80 +466,56 @@ impl RedisStore {
         Ok(Decision { passed, results })
     }
 
-    /// One script call on a standalone or Sentinel connection.
-    async fn call(
+    /// One script call with one decision.
+    async fn call_one(
         &self,
-        charges: &[&Charge],
+        connection: &mut (impl ConnectionLike + Send),
+        charges: Vec<&Charge>,
         op: Op,
         mode: impl Fn(Mode) -> Mode,
-    ) -> Result<Vec<i64>, StoreError> {
-        match &self.target {
-            Target::Standalone { connections, next } => {
-                let i = next.fetch_add(1, Ordering::Relaxed) % connections.len();
-                let mut connection = connections[i].clone();
-                self.call_on(&mut connection, charges, op, mode).await
-            }
-            Target::Sentinel(sentinel) => {
-                // Finding the master counts against the same deadline as the call itself.
-                let call = async {
-                    let mut connection = sentinel.connection().await.map_err(classify)?;
-                    self.call_on(&mut connection, charges, op, mode).await
-                };
-                let answer = match tokio::time::timeout(self.timeout, call).await {
-                    Ok(answer) => answer,
-                    Err(_) => Err(self.late()),
-                };
-                if matches!(answer, Err(StoreError::Unavailable(_))) {
-                    sentinel.forget();
-                }
-                answer
-            }
-            Target::Cluster(connection) => {
-                let mut connection = connection.clone();
-                self.call_on(&mut connection, charges, op, mode).await
-            }
-        }
+    ) -> Result<Decision, StoreError> {
+        let decisions = [charges];
+        let reply = self.call_on(connection, &decisions, op, mode).await?;
+        let malformed = || StoreError::Failed("a script reply without a decision".to_owned());
+        decode(&decisions, &reply)?.pop().ok_or_else(malformed)
     }
 
+    /// One script call with `decisions`, within the deadline.
     async fn call_on(
         &self,
         connection: &mut (impl ConnectionLike + Send),
-        charges: &[&Charge],
+        decisions: &[Vec<&Charge>],
         op: Op,
         mode: impl Fn(Mode) -> Mode,
     ) -> Result<Vec<i64>, StoreError> {
         let mut invocation = self.script.prepare_invoke();
         let now = self.clock.as_ref().map_or(0, |clock| clock.now_us());
-        invocation.arg(now).arg(op as u8);
-        for charge in charges {
-            invocation.key(charge.key.as_slice());
-            match charge.shape {
-                Some(shape) => invocation
-                    .arg(shape.tick_us())
-                    .arg(shape.refill_per_tick())
-                    .arg(shape.units_per_token())
-                    .arg(shape.capacity()),
-                None => invocation.arg(1).arg(1).arg(1).arg(0),
-            };
-            let mode = match mode(charge.mode) {
-                Mode::Enforce => 0,
-                Mode::Shadow => 1,
-                Mode::Quota { group } => 2 + u64::from(group),
-            };
-            invocation.arg(charge.hits).arg(mode);
+        invocation.arg(now).arg(op as u8).arg(decisions.len());
+        for charges in decisions {
+            invocation.arg(charges.len());
+            for charge in charges {
+                invocation.key(charge.key.as_slice());
+                match charge.shape {
+                    Some(shape) => invocation
+                        .arg(shape.tick_us())
+                        .arg(shape.refill_per_tick())
+                        .arg(shape.units_per_token())
+                        .arg(shape.capacity()),
+                    None => invocation.arg(1).arg(1).arg(1).arg(0),
+                };
+                let mode = match mode(charge.mode) {
+                    Mode::Enforce => 0,
+                    Mode::Shadow => 1,
+                    Mode::Quota { group } => 2 + u64::from(group),
+                };
+                invocation.arg(charge.hits).arg(mode);
+            }
         }
         let call = invocation.invoke_async::<Vec<i64>>(connection);
         match tokio::time::timeout(self.timeout, call).await {
             Ok(reply) => reply.map_err(classify),
             Err(_) => Err(self.late()),
         }
-    }
-
-    fn late(&self) -> StoreError {
-        StoreError::Unavailable(format!(
-            "Redis did not answer within {} ms",
-            self.timeout.as_millis()
-        ))
     }
 }
 
@@ -411,12 +525,25 @@ enum Op {
     Refund = 1,
 }
 
-fn decode(charges: &[&Charge], reply: &[i64]) -> Result<Decision, StoreError> {
+/// Splits a script reply into one decision per entry of `decisions`.
+fn decode(decisions: &[Vec<&Charge>], reply: &[i64]) -> Result<Vec<Decision>, StoreError> {
     let malformed = || StoreError::Failed(format!("malformed script reply: {reply:?}"));
-    if reply.len() != 1 + REPLY_STRIDE * charges.len() {
+    let expected: usize = decisions.iter().map(|c| 1 + REPLY_STRIDE * c.len()).sum();
+    if reply.len() != expected {
         return Err(malformed());
     }
-    let number = |v: i64| u64::try_from(v).map_err(|_| malformed());
+    let mut rest = reply;
+    let mut out = Vec::with_capacity(decisions.len());
+    for charges in decisions {
+        let (this, next) = rest.split_at(1 + REPLY_STRIDE * charges.len());
+        out.push(decode_one(charges, this).ok_or_else(malformed)?);
+        rest = next;
+    }
+    Ok(out)
+}
+
+fn decode_one(charges: &[&Charge], reply: &[i64]) -> Option<Decision> {
+    let number = |v: i64| u64::try_from(v).ok();
     let mut results = Vec::with_capacity(charges.len());
     for (charge, fields) in charges.iter().zip(reply[1..].chunks(REPLY_STRIDE)) {
         let report = match charge.shape {
@@ -432,7 +559,7 @@ fn decode(charges: &[&Charge], reply: &[i64]) -> Result<Decision, StoreError> {
             report,
         });
     }
-    Ok(Decision {
+    Some(Decision {
         passed: reply[0] == 1,
         results,
     })

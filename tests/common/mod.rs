@@ -48,12 +48,10 @@ pub async fn store_for(backend: Backend, clock: Arc<ManualClock>) -> (Store, Red
         timeout: std::time::Duration::from_secs(2),
         connections: 2,
     };
-    let redis_clock = clock.clone();
+    let redis_clock: Arc<dyn sluice::clock::Clock> = clock.clone();
     let connect = |settings: RedisSettings| async move {
-        let store = RedisStore::connect(&settings)
-            .await
-            .expect("Redis is reachable");
-        Store::Redis(store.with_clock(redis_clock))
+        let store = RedisStore::connect_with_clock(&settings, Some(redis_clock)).await;
+        Store::Redis(store.expect("Redis is reachable"))
     };
     match backend {
         Backend::Memory => (
