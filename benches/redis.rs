@@ -74,6 +74,7 @@ fn bench_redis(c: &mut Criterion) {
         password: None,
         timeout: Duration::from_secs(1),
         connections: 2,
+        tls_ca: None,
     };
     let store = Arc::new(
         runtime

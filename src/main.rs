@@ -85,6 +85,11 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_REDIS_PASSWORD_FILE")]
     redis_password_file: Option<PathBuf>,
 
+    /// PEM file of the certificate authority of a `rediss://` server, when the system does not
+    /// trust it already.
+    #[arg(long, env = "SLUICE_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
+
     /// Deadline of one Redis call, e.g. `10ms`.
     #[arg(long, env = "SLUICE_REDIS_TIMEOUT", default_value = "10ms", value_parser = parse_duration)]
     redis_timeout: Duration,
@@ -165,9 +170,17 @@ fn redis_settings(args: &ServeArgs) -> anyhow::Result<Option<RedisSettings>> {
             Some(text.trim_end_matches(['\r', '\n']).to_owned())
         }
     };
+    let tls_ca = match &args.redis_ca_file {
+        None => None,
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read --redis-ca-file {}", path.display()))?,
+        ),
+    };
     Ok(Some(RedisSettings {
         topology,
         password,
+        tls_ca,
         timeout: args.redis_timeout,
         connections: args.redis_connections,
     }))

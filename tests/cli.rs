@@ -302,3 +302,77 @@ fn serve_requires_rules() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rules"));
 }
+
+/// Asks `serving` one decision of the `web` rules and returns its remaining count.
+fn ask_once(serving: &Serving) -> u32 {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let url = format!("http://{}", serving.grpc);
+        let mut client = RateLimitServiceClient::connect(url)
+            .await
+            .expect("a connection");
+        let ask = request("web", vec![descriptor(&[("remote_address", "10.9.9.9")])]);
+        let response = client
+            .should_rate_limit(ask)
+            .await
+            .expect("a decision")
+            .into_inner();
+        assert_eq!(response.overall_code, Code::Ok as i32);
+        response.statuses[0].limit_remaining
+    })
+}
+
+#[test]
+fn serve_keeps_buckets_in_redis_with_a_password_from_a_file() {
+    let (dir, file) = write_rules(RULES);
+    let redis = common::redis::RedisProcess::on_socket_with_password(Some("s3cret pass"));
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "s3cret pass\n").expect("the password is written");
+    let mut args = loopback_args(&file);
+    args.extend(["--redis-url".to_owned(), redis.url()]);
+    args.extend([
+        "--redis-password-file".to_owned(),
+        password_file.display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serving = serve(&args, &[]).expect("sluice serves");
+    assert_eq!(ask_once(&serving), 19);
+    assert_eq!(ask_once(&serving), 18);
+    assert!(redis.cli(&["KEYS", "sl:*"]).contains("10.9.9.9"));
+
+    // Without the password, Redis refuses and serve says so.
+    let mut args = loopback_args(&file);
+    args.extend(["--redis-url".to_owned(), redis.url()]);
+    let out = Command::new(SLUICE)
+        .arg("serve")
+        .args(&args)
+        .output()
+        .expect("it runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot use Redis"), "{stderr}");
+}
+
+#[test]
+fn serve_keeps_buckets_in_redis_over_tls() {
+    let (_dir, file) = write_rules(RULES);
+    let (redis, ca) = common::redis::RedisProcess::with_tls();
+    let url = format!("rediss://127.0.0.1:{}", redis.port.expect("a port"));
+    let mut args = loopback_args(&file);
+    args.extend(["--redis-url".to_owned(), url.clone()]);
+    args.extend(["--redis-ca-file".to_owned(), ca.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serving = serve(&args, &[]).expect("sluice serves");
+    assert_eq!(ask_once(&serving), 19);
+    assert!(redis.cli(&["KEYS", "sl:*"]).contains("10.9.9.9"));
+
+    // A certificate the system does not trust is refused without the authority's file.
+    let mut args = loopback_args(&file);
+    args.extend(["--redis-url".to_owned(), url]);
+    let out = Command::new(SLUICE)
+        .arg("serve")
+        .args(&args)
+        .output()
+        .expect("it runs");
+    assert!(!out.status.success());
+}

@@ -15,6 +15,7 @@ fn settings(topology: Topology) -> RedisSettings {
         password: None,
         timeout: Duration::from_millis(500),
         connections: 2,
+        tls_ca: None,
     }
 }
 

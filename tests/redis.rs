@@ -21,6 +21,7 @@ fn settings(topology: Topology) -> RedisSettings {
         password: None,
         timeout: Duration::from_secs(2),
         connections: 2,
+        tls_ca: None,
     }
 }
 

@@ -58,6 +58,9 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Multiplexed connections to a standalone Redis or a Sentinel master.
     pub connections: usize,
+    /// PEM certificate(s) of the authority that signed a `rediss://` server's certificate,
+    /// when it is not one the system trusts.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 /// A Redis deployment.
@@ -172,7 +175,18 @@ async fn connect_target(settings: &RedisSettings) -> Result<Target, StoreError> 
                 let redis = info.redis_settings().clone().set_password(password);
                 info = info.set_redis_settings(redis);
             }
-            let client = redis::Client::open(info).map_err(classify)?;
+            let client = match &settings.tls_ca {
+                None => redis::Client::open(info),
+                Some(ca) => {
+                    let root_cert = Some(ca.clone());
+                    let certificates = redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert,
+                    };
+                    redis::Client::build_with_tls(info, certificates)
+                }
+            }
+            .map_err(classify)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(1)))
                 .set_response_timeout(None)
@@ -244,12 +258,18 @@ impl RedisStore {
             Target::Sentinel(_) => settings.connections.max(1),
             Target::Cluster(_) => 0,
         };
-        let inner = Arc::new(Inner {
+        // A first, empty call loads the script and proves that Redis accepts us (a wrong
+        // password, a certificate it does not trust) before the service says it is serving.
+        // It may take longer than a decision: a connection may still be settling.
+        let mut inner = Inner {
             target,
             script: Script::new(SCRIPT),
-            timeout: settings.timeout,
+            timeout: settings.timeout.max(Duration::from_secs(2)),
             clock,
-        });
+        };
+        inner.call_lane(0, &[]).await?;
+        inner.timeout = settings.timeout;
+        let inner = Arc::new(inner);
         let lanes = (0..lanes)
             .map(|lane| {
                 let (send, receive) = mpsc::channel(LANE_DEPTH);

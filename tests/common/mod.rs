@@ -47,6 +47,7 @@ pub async fn store_for(backend: Backend, clock: Arc<ManualClock>) -> (Store, Red
         // Generous: correctness tests must not fail on a busy machine.
         timeout: std::time::Duration::from_secs(2),
         connections: 2,
+        tls_ca: None,
     };
     let redis_clock: Arc<dyn sluice::clock::Clock> = clock.clone();
     let connect = |settings: RedisSettings| async move {

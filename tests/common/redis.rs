@@ -34,6 +34,8 @@ pub struct RedisProcess {
     pub port: Option<u16>,
     /// The unix socket, for socket servers.
     pub socket: Option<PathBuf>,
+    /// Extra `redis-cli` arguments: a password, TLS settings.
+    cli_extra: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -57,29 +59,139 @@ impl RedisProcess {
 
     /// A standalone server listening only on a unix socket.
     pub fn on_socket() -> RedisProcess {
+        RedisProcess::on_socket_with_password(None)
+    }
+
+    /// A standalone server on a unix socket that requires `password`, if given.
+    pub fn on_socket_with_password(password: Option<&str>) -> RedisProcess {
         require_redis();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let socket = dir.path().join("redis.sock");
-        let args = [
+        let socket_arg = socket.display().to_string();
+        let mut args: Vec<String> = [
             "--port",
             "0",
             "--unixsocket",
-            &socket.display().to_string(),
+            &socket_arg,
             "--save",
             "",
             "--appendonly",
             "no",
         ]
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .to_vec();
+        let mut cli_extra = Vec::new();
+        if let Some(password) = password {
+            args.extend(["--requirepass".to_owned(), password.to_owned()]);
+            cli_extra = ["--no-auth-warning", "-a", password]
+                .map(str::to_owned)
+                .to_vec();
+        }
         let child = RedisProcess::spawn(dir.path(), &args);
         let process = RedisProcess {
             child,
             port: None,
             socket: Some(socket),
+            cli_extra,
             _dir: Some(dir),
         };
         process.wait_until_ready();
         process
+    }
+
+    /// A server that speaks only TLS, on a free port, with a certificate for 127.0.0.1 signed
+    /// by a certificate authority made for it; returns it and the authority's PEM file.
+    pub fn with_tls() -> (RedisProcess, PathBuf) {
+        require_redis();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl runs");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "openssl {args:?}: {stderr}");
+        };
+        let (ca_key, ca, key, csr, cert) = (
+            path("ca.key"),
+            path("ca.pem"),
+            path("server.key"),
+            path("server.csr"),
+            path("server.pem"),
+        );
+        let subject = "/CN=sluice test ca";
+        openssl(&[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject,
+            "-keyout", &ca_key, "-out", &ca,
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ]);
+        let extensions = path("san.ext");
+        std::fs::write(&extensions, "subjectAltName=IP:127.0.0.1\n").expect("written");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &extensions,
+            "-out",
+            &cert,
+        ]);
+        let port = free_port().to_string();
+        let args: Vec<String> = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let child = RedisProcess::spawn(dir.path(), &args);
+        let cli_extra = ["--tls", "--cacert", &ca].map(str::to_owned).to_vec();
+        let port = port.parse().ok();
+        let ca = dir.path().join("ca.pem");
+        let process = RedisProcess {
+            child,
+            port,
+            socket: None,
+            cli_extra,
+            _dir: Some(dir),
+        };
+        process.wait_until_ready();
+        (process, ca)
     }
 
     /// A server on a free TCP port with extra arguments, in `dir`.
@@ -96,6 +208,7 @@ impl RedisProcess {
             child,
             port: Some(port),
             socket: None,
+            cli_extra: Vec::new(),
             _dir: None,
         };
         process.wait_until_ready();
@@ -115,6 +228,7 @@ impl RedisProcess {
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(self.cli_args())
+            .args(&self.cli_extra)
             .args(args)
             .output()
             .expect("redis-cli runs");
