@@ -39,6 +39,12 @@ pub fn cluster_slot(key: &[u8]) -> u16 {
     crc16(hashed) % 16_384
 }
 
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn crc16(bytes: &[u8]) -> u16 {
     let mut crc: u16 = 0;
     for &byte in bytes {
@@ -78,14 +84,38 @@ pub struct KeyEntry<'a> {
     pub shared: bool,
 }
 
+/// Whether bucket keys carry a Redis Cluster hash tag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HashTag {
+    /// No tag: buckets spread over the cluster by their whole keys.
+    #[default]
+    None,
+    /// A tag made from the domain and the descriptor's first entry, so that every bucket of
+    /// one identity (say `user = alice`, alone or with deeper entries) is in one slot, and a
+    /// decision about it is one script call on one node.
+    FirstEntry,
+}
+
 /// The key of the bucket of `limit_id` for the descriptor `entries` in `domain`.
-pub fn bucket_key<'a>(
+///
+/// With [`HashTag::FirstEntry`], `{` sixteen hex digits `}` follow the prefix: an FNV-1a hash
+/// of the domain and first entry, which the rest of the key holds anyway, so keys stay
+/// distinct; hex digits hold no brace, so the tag always ends where it should.
+pub fn bucket_key(
     domain: &str,
-    entries: impl ExactSizeIterator<Item = KeyEntry<'a>>,
+    entries: &[KeyEntry<'_>],
     limit_id: &[u8],
+    hash_tag: HashTag,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(PREFIX);
+    if let (HashTag::FirstEntry, Some(first)) = (hash_tag, entries.first()) {
+        let mut identity = Vec::new();
+        push_part(&mut identity, domain.as_bytes());
+        push_part(&mut identity, first.key.as_bytes());
+        push_part(&mut identity, first.value.as_bytes());
+        out.extend_from_slice(format!("{{{:016x}}}", fnv1a(&identity)).as_bytes());
+    }
     push_part(&mut out, domain.as_bytes());
     push_part(&mut out, entries.len().to_string().as_bytes());
     let mut tagged = Vec::new();
@@ -105,10 +135,36 @@ mod tests {
     use super::*;
 
     fn key(domain: &str, entries: &[(&str, &str, bool)], limit: &[u8]) -> Vec<u8> {
-        let entries = entries
+        tagged_key(domain, entries, limit, HashTag::None)
+    }
+
+    fn tagged_key(
+        domain: &str,
+        entries: &[(&str, &str, bool)],
+        limit: &[u8],
+        tag: HashTag,
+    ) -> Vec<u8> {
+        let entries: Vec<KeyEntry<'_>> = entries
             .iter()
-            .map(|&(key, value, shared)| KeyEntry { key, value, shared });
-        bucket_key(domain, entries, limit)
+            .map(|&(key, value, shared)| KeyEntry { key, value, shared })
+            .collect();
+        bucket_key(domain, &entries, limit, tag)
+    }
+
+    #[test]
+    fn a_first_entry_tag_puts_one_identity_in_one_slot() {
+        let tag = HashTag::FirstEntry;
+        let alone = tagged_key("d", &[("user", "alice", false)], b"1", tag);
+        let deeper = tagged_key(
+            "d",
+            &[("user", "alice", false), ("path", "/x", false)],
+            b"2",
+            tag,
+        );
+        let other = tagged_key("d", &[("user", "bob", false)], b"1", tag);
+        assert_eq!(cluster_slot(&alone), cluster_slot(&deeper));
+        assert_ne!(alone, other);
+        assert!(alone.starts_with(b"sl:{") && alone[20] == b'}');
     }
 
     #[test]

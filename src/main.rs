@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice::clock::MonotonicClock;
+use sluice::key::HashTag;
 use sluice::rules;
 use sluice::server::{Addresses, Server};
 use sluice::service::{Bounds, Limiter};
@@ -93,6 +94,11 @@ struct ServeArgs {
     /// Deadline of one Redis call, e.g. `10ms`.
     #[arg(long, env = "SLUICE_REDIS_TIMEOUT", default_value = "10ms", value_parser = parse_duration)]
     redis_timeout: Duration,
+
+    /// `first-entry`: a Redis Cluster hash tag from the domain and a descriptor's first entry,
+    /// so that all buckets of one identity share a slot; `none`: no tag.
+    #[arg(long, env = "SLUICE_REDIS_HASH_TAG", default_value = "none", value_parser = parse_hash_tag)]
+    redis_hash_tag: HashTag,
 
     /// Multiplexed connections to a standalone or Sentinel Redis.
     #[arg(long, env = "SLUICE_REDIS_CONNECTIONS", default_value_t = 2)]
@@ -186,6 +192,16 @@ fn redis_settings(args: &ServeArgs) -> anyhow::Result<Option<RedisSettings>> {
     }))
 }
 
+fn parse_hash_tag(text: &str) -> Result<HashTag, String> {
+    match text {
+        "none" => Ok(HashTag::None),
+        "first-entry" => Ok(HashTag::FirstEntry),
+        _ => Err(format!(
+            "`{text}` is not a hash tag mode; use none or first-entry"
+        )),
+    }
+}
+
 /// A duration written as a whole number of `ms` or `s`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = match text.strip_suffix("ms") {
@@ -253,7 +269,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Store::Redis(redis)
             }
         };
-        let limiter = Arc::new(Limiter::new(rules, store, bounds));
+        let limiter =
+            Arc::new(Limiter::new(rules, store, bounds).with_hash_tag(args.redis_hash_tag));
         let addresses = Addresses {
             grpc: args.grpc_addr,
             http: args.http_addr,

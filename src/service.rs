@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::bucket::{MICROS_PER_SECOND, Report};
-use crate::key::{self, KeyEntry};
+use crate::key::{self, HashTag, KeyEntry};
 use crate::proto::{
     Code, DescriptorStatus, HeaderValue, RateLimit, RateLimitDescriptor, RateLimitRequest,
     RateLimitResponse, RateLimitUnit, ResponseUnit,
@@ -60,6 +60,7 @@ pub struct Limiter {
     rules: ArcSwap<RuleSet>,
     store: Store,
     bounds: Bounds,
+    hash_tag: HashTag,
 }
 
 impl Limiter {
@@ -69,7 +70,14 @@ impl Limiter {
             rules: ArcSwap::from_pointee(rules),
             store,
             bounds,
+            hash_tag: HashTag::None,
         }
+    }
+
+    /// Names buckets with this Redis Cluster hash tag (see [`HashTag`]).
+    pub fn with_hash_tag(mut self, hash_tag: HashTag) -> Limiter {
+        self.hash_tag = hash_tag;
+        self
     }
 
     /// The rules in force.
@@ -100,7 +108,7 @@ impl Limiter {
             let statuses = request.descriptors.iter().map(|_| no_limit()).collect();
             return Ok(response(Code::Ok, statuses, Vec::new()));
         };
-        let plan = plan(domain, request)?;
+        let plan = plan(domain, request, self.hash_tag)?;
         let decision = self.store.charge(&plan.charges).await?;
         Ok(plan.answer(decision.passed, &decision.results))
     }
@@ -228,7 +236,11 @@ struct Plan {
     descriptors: Vec<Planned>,
 }
 
-fn plan(domain: &Domain, request: &RateLimitRequest) -> Result<Plan, DecideError> {
+fn plan(
+    domain: &Domain,
+    request: &RateLimitRequest,
+    hash_tag: HashTag,
+) -> Result<Plan, DecideError> {
     // Find each descriptor's limits first: `replaces` acts across the whole request.
     let mut matched = Vec::with_capacity(request.descriptors.len());
     for descriptor in &request.descriptors {
@@ -282,7 +294,13 @@ fn plan(domain: &Domain, request: &RateLimitRequest) -> Result<Plan, DecideError
             let LimitKind::Rate(rate) = limit.kind else {
                 continue;
             };
-            let key = bucket_key(&request.domain, descriptor, found.as_ref(), &limit.id);
+            let key = bucket_key(
+                &request.domain,
+                descriptor,
+                found.as_ref(),
+                &limit.id,
+                hash_tag,
+            );
             charges.push(Charge {
                 key,
                 shape: rate.shape,
@@ -341,26 +359,32 @@ fn bucket_key(
     descriptor: &RateLimitDescriptor,
     found: Option<&Found<'_>>,
     limit_id: &[u8],
+    hash_tag: HashTag,
 ) -> Vec<u8> {
-    let entries = descriptor.entries.iter().enumerate().map(|(i, entry)| {
-        let rule = found.and_then(|found| found.path.get(i));
-        match rule
-            .filter(|rule| rule.share_threshold)
-            .and_then(|rule| rule.value.as_deref())
-        {
-            Some(pattern) => KeyEntry {
-                key: &entry.key,
-                value: pattern,
-                shared: true,
-            },
-            None => KeyEntry {
-                key: &entry.key,
-                value: &entry.value,
-                shared: false,
-            },
-        }
-    });
-    key::bucket_key(domain, entries, limit_id)
+    let entries: Vec<KeyEntry<'_>> = descriptor
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let rule = found.and_then(|found| found.path.get(i));
+            match rule
+                .filter(|rule| rule.share_threshold)
+                .and_then(|rule| rule.value.as_deref())
+            {
+                Some(pattern) => KeyEntry {
+                    key: &entry.key,
+                    value: pattern,
+                    shared: true,
+                },
+                None => KeyEntry {
+                    key: &entry.key,
+                    value: &entry.value,
+                    shared: false,
+                },
+            }
+        })
+        .collect();
+    key::bucket_key(domain, &entries, limit_id, hash_tag)
 }
 
 impl Plan {

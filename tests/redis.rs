@@ -236,3 +236,49 @@ async fn buckets_expire_when_full() {
         .expect("a time to live");
     assert!((1..=1_000).contains(&ttl), "{ttl}");
 }
+
+/// With the first-entry hash tag, every bucket of one identity lands on one Cluster node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_tag_keeps_an_identity_in_one_slot() {
+    let cluster = common::redis::RedisCluster::start();
+    let nodes = cluster.seeds();
+    let store = RedisStore::connect(&settings(Topology::Cluster { nodes })).await;
+    let rules = sluice::rules::load_str(
+        std::path::Path::new("tag.yaml"),
+        "domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: hour, requests_per_unit: 9}\n    \
+         descriptors:\n      - key: path\n        rate_limits:\n          - {unit: hour, requests_per_unit: 5}\n          \
+         - {unit: day, requests_per_unit: 50}\n",
+    )
+    .expect("valid rules");
+    let set = sluice::rules::RuleSet::from_domains(vec![rules]).expect("one domain");
+    let limiter = sluice::service::Limiter::new(
+        set,
+        sluice::store::Store::Redis(store.expect("the cluster answers")),
+        Default::default(),
+    )
+    .with_hash_tag(sluice::key::HashTag::FirstEntry);
+    for path in ["/a", "/b", "/c"] {
+        let ask = request(
+            "d",
+            vec![
+                descriptor(&[("user", "alice")]),
+                descriptor(&[("user", "alice"), ("path", path)]),
+            ],
+        );
+        let response = limiter.decide(&ask).await.expect("a decision");
+        assert_eq!(response.overall_code, Code::Ok as i32);
+    }
+    let holding: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            node.cli(&["KEYS", "sl:*"])
+                .lines()
+                .filter(|l| !l.is_empty())
+                .count()
+        })
+        .collect();
+    // One bucket for user=alice, two for each of the three paths, all on one node.
+    assert_eq!(holding.iter().sum::<usize>(), 7, "{holding:?}");
+    assert_eq!(holding.iter().filter(|&&n| n > 0).count(), 1, "{holding:?}");
+}
