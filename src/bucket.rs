@@ -40,6 +40,8 @@ pub const MICROS_PER_SECOND: u64 = 1_000_000;
 /// The fixed numbers of one limit: capacity and refill rate, in ticks and units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
+    requests: u64,
+    period_us: u64,
     tick_us: u64,
     refill_per_tick: u64,
     units_per_token: u64,
@@ -125,6 +127,8 @@ impl Shape {
             // A tick of the whole period always fits: then units_per_token is 1.
             if fits || tick_us == period_us {
                 return Ok(Shape {
+                    requests,
+                    period_us,
                     tick_us,
                     refill_per_tick,
                     units_per_token,
@@ -133,6 +137,16 @@ impl Shape {
             }
             tick_us = next_tick(tick_us, period_us);
         }
+    }
+
+    /// Requests per period.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// The period in microseconds.
+    pub fn period_us(&self) -> u64 {
+        self.period_us
     }
 
     /// Capacity in whole tokens.

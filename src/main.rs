@@ -14,7 +14,9 @@ use sluice::key::HashTag;
 use sluice::rules;
 use sluice::server::{Addresses, Server};
 use sluice::service::{Bounds, Limiter};
-use sluice::store::{MemoryStore, RedisSettings, RedisStore, Store, Topology};
+use sluice::store::{
+    FailureMode, Guarded, MemoryStore, RedisSettings, RedisStore, Store, Topology,
+};
 
 // glibc's allocator spends a tenth of a busy server's time in malloc and free across threads;
 // mimalloc's per-thread heaps do not.
@@ -99,6 +101,19 @@ struct ServeArgs {
     /// so that all buckets of one identity share a slot; `none`: no tag.
     #[arg(long, env = "SLUICE_REDIS_HASH_TAG", default_value = "none", value_parser = parse_hash_tag)]
     redis_hash_tag: HashTag,
+
+    /// While Redis cannot decide: `fallback` (in-process buckets), `allow` (everything
+    /// passes) or `deny` (decisions fail with UNAVAILABLE).
+    #[arg(long, env = "SLUICE_FAILURE_MODE", default_value = "fallback", value_parser = parse_failure_mode)]
+    failure_mode: FailureMode,
+
+    /// Share of each limit the in-process fallback grants, e.g. 0.25 for 4 instances.
+    #[arg(long, env = "SLUICE_FALLBACK_SHARE", default_value_t = 1.0)]
+    fallback_share: f64,
+
+    /// While Redis is failing, how often one decision probes it, e.g. `1s`.
+    #[arg(long, env = "SLUICE_FALLBACK_PROBE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    fallback_probe_interval: Duration,
 
     /// Multiplexed connections to a standalone or Sentinel Redis.
     #[arg(long, env = "SLUICE_REDIS_CONNECTIONS", default_value_t = 2)]
@@ -192,6 +207,17 @@ fn redis_settings(args: &ServeArgs) -> anyhow::Result<Option<RedisSettings>> {
     }))
 }
 
+fn parse_failure_mode(text: &str) -> Result<FailureMode, String> {
+    match text {
+        "fallback" => Ok(FailureMode::Fallback),
+        "allow" => Ok(FailureMode::Allow),
+        "deny" => Ok(FailureMode::Deny),
+        _ => Err(format!(
+            "`{text}` is not a failure mode; use fallback, allow or deny"
+        )),
+    }
+}
+
 fn parse_hash_tag(text: &str) -> Result<HashTag, String> {
     match text {
         "none" => Ok(HashTag::None),
@@ -266,7 +292,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 let redis = RedisStore::connect(&settings)
                     .await
                     .context("cannot use Redis")?;
-                Store::Redis(redis)
+                let clock = Arc::new(MonotonicClock::new());
+                let fallback = MemoryStore::new(args.memory_shards, clock);
+                Store::Guarded(Box::new(Guarded::new(
+                    redis,
+                    fallback,
+                    args.failure_mode,
+                    args.fallback_share,
+                    args.fallback_probe_interval,
+                )))
             }
         };
         let limiter =

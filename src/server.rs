@@ -88,7 +88,8 @@ impl Server {
             }
         }));
 
-        let admin = Router::new().route("/healthcheck", get(healthcheck));
+        let health = limiter.clone();
+        let admin = Router::new().route("/healthcheck", get(move || healthcheck(health.clone())));
         let signal = wait_for_stop(stopped.clone());
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(http, admin)
@@ -164,8 +165,12 @@ async fn sweep_memory(limiter: Arc<Limiter>, mut stopped: watch::Receiver<bool>)
     }
 }
 
-async fn healthcheck() -> &'static str {
-    "OK"
+/// `OK` while serving; with a Redis store, a second line says where decisions are made.
+async fn healthcheck(limiter: Arc<Limiter>) -> String {
+    match limiter.store().breaker() {
+        None => "OK".to_owned(),
+        Some(state) => format!("OK\nredis breaker: {}", state.name()),
+    }
 }
 
 struct GrpcService {

@@ -9,10 +9,12 @@
 //! - [`memory`]: the embedded default, exact, in this process.
 //! - [`redis`]: Redis standalone, Sentinel or Cluster, one atomic script call per decision.
 
+pub mod fallback;
 pub mod memory;
 pub mod redis;
 
 use crate::bucket::{Report, Shape};
+pub use fallback::{BreakerState, FailureMode, Guarded};
 pub use memory::MemoryStore;
 pub use redis::{RedisSettings, RedisStore, Topology};
 
@@ -112,8 +114,10 @@ impl StoreError {
 pub enum Store {
     /// Buckets in this process.
     Memory(MemoryStore),
-    /// Buckets in Redis.
+    /// Buckets in Redis; decisions fail while it is unavailable.
     Redis(RedisStore),
+    /// Buckets in Redis, with a circuit breaker and a fallback for when it is unavailable.
+    Guarded(Box<Guarded>),
 }
 
 impl Store {
@@ -122,6 +126,7 @@ impl Store {
         match self {
             Store::Memory(memory) => Ok(memory.charge(charges)),
             Store::Redis(redis) => redis.charge(charges).await,
+            Store::Guarded(guarded) => guarded.charge(charges).await,
         }
     }
 
@@ -130,6 +135,7 @@ impl Store {
         match self {
             Store::Memory(memory) => Some(memory),
             Store::Redis(_) => None,
+            Store::Guarded(guarded) => Some(guarded.fallback()),
         }
     }
 
@@ -137,7 +143,16 @@ impl Store {
     pub fn name(&self) -> &'static str {
         match self {
             Store::Memory(_) => "memory",
-            Store::Redis(_) => "redis",
+            Store::Redis(_) | Store::Guarded(_) => "redis",
+        }
+    }
+
+    /// Where a Redis store decides now: `closed` (Redis), `open` or `probing` (the fallback);
+    /// `None` for a store without a breaker.
+    pub fn breaker(&self) -> Option<BreakerState> {
+        match self {
+            Store::Guarded(guarded) => Some(guarded.state()),
+            Store::Memory(_) | Store::Redis(_) => None,
         }
     }
 }

@@ -260,6 +260,42 @@ impl RedisProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends a signal (`STOP`, `CONT`, …) to the server.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status();
+        assert!(
+            sent.is_ok_and(|status| status.success()),
+            "kill -{name} {pid}"
+        );
+    }
+
+    /// Starts a killed socket server again, on the same socket, empty.
+    pub fn restart(&mut self) {
+        let socket = self.socket.clone().expect("a socket server");
+        let _ = std::fs::remove_file(&socket);
+        let dir = socket
+            .parent()
+            .expect("the socket is in a directory")
+            .to_owned();
+        let socket_arg = socket.display().to_string();
+        let args = [
+            "--port",
+            "0",
+            "--unixsocket",
+            &socket_arg,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(str::to_owned);
+        self.child = RedisProcess::spawn(&dir, &args);
+        self.wait_until_ready();
+    }
 }
 
 /// A Redis Cluster of three masters.
