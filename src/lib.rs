@@ -22,6 +22,7 @@ pub mod bucket;
 pub mod clock;
 pub mod key;
 pub mod proto;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod service;

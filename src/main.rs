@@ -135,6 +135,11 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_VALUE_BYTES", default_value_t = Bounds::default().max_value_bytes)]
     max_value_bytes: usize,
 
+    /// How often to look for changed rule files, e.g. `1s`; `0s` turns watching off (SIGHUP
+    /// still reloads).
+    #[arg(long, env = "SLUICE_RULES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    rules_poll_interval: Duration,
+
     /// On SIGTERM or SIGINT, how long calls in flight may take to finish, e.g. `10s`, `500ms`.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
@@ -265,6 +270,7 @@ fn check_config(paths: &[PathBuf]) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let loaded = sluice::reload::fingerprint(&args.rules);
     let rules = rules::load_paths(&args.rules).context("invalid rules")?;
     let redis = redis_settings(&args)?;
     let bounds = Bounds {
@@ -317,20 +323,39 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             domains,
             "listening"
         );
-        shutdown_signal().await?;
+        let (stop_watching, stopped) = tokio::sync::watch::channel(false);
+        if !args.rules_poll_interval.is_zero() {
+            let watcher = sluice::reload::watch_files(
+                limiter.clone(),
+                args.rules.clone(),
+                loaded,
+                args.rules_poll_interval,
+                stopped,
+            );
+            tokio::spawn(watcher);
+        }
+        wait_for_shutdown(&limiter, &args.rules).await?;
+        let _ = stop_watching.send(true);
         tracing::info!("shutting down");
         server.shutdown(args.shutdown_grace).await;
         Ok(())
     })
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT, reloading the rules on every SIGHUP meanwhile.
+async fn wait_for_shutdown(limiter: &Limiter, rules: &[PathBuf]) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the rules");
+                let _ = sluice::reload::reload(limiter, rules);
+            }
+        }
     }
-    Ok(())
 }

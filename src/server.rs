@@ -165,12 +165,19 @@ async fn sweep_memory(limiter: Arc<Limiter>, mut stopped: watch::Receiver<bool>)
     }
 }
 
-/// `OK` while serving; with a Redis store, a second line says where decisions are made.
+/// `OK` while serving; then a line for the Redis breaker, if any, and one for a failed reload
+/// of the rules, if the last one failed.
 async fn healthcheck(limiter: Arc<Limiter>) -> String {
-    match limiter.store().breaker() {
-        None => "OK".to_owned(),
-        Some(state) => format!("OK\nredis breaker: {}", state.name()),
+    let mut body = "OK".to_owned();
+    if let Some(state) = limiter.store().breaker() {
+        body.push_str(&format!("\nredis breaker: {}", state.name()));
     }
+    if let Some(error) = limiter.rules_error() {
+        body.push_str(&format!(
+            "\nrules reload failed, previous rules serving: {error}"
+        ));
+    }
+    body
 }
 
 struct GrpcService {

@@ -61,6 +61,8 @@ pub struct Limiter {
     store: Store,
     bounds: Bounds,
     hash_tag: HashTag,
+    /// Why the last reload of the rules failed, while the rules before it serve.
+    rules_error: arc_swap::ArcSwapOption<String>,
 }
 
 impl Limiter {
@@ -71,7 +73,18 @@ impl Limiter {
             store,
             bounds,
             hash_tag: HashTag::None,
+            rules_error: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Records why the last reload failed (`None`: it succeeded).
+    pub fn set_rules_error(&self, error: Option<String>) {
+        self.rules_error.store(error.map(Arc::new));
+    }
+
+    /// Why the last reload failed, if it did.
+    pub fn rules_error(&self) -> Option<Arc<String>> {
+        self.rules_error.load_full()
     }
 
     /// Names buckets with this Redis Cluster hash tag (see [`HashTag`]).
