@@ -376,3 +376,125 @@ fn serve_keeps_buckets_in_redis_over_tls() {
         .expect("it runs");
     assert!(!out.status.success());
 }
+
+/// The `requests_per_unit` that a decision on ("remote_address", "limit") reports.
+fn limit_in_force(serving: &Serving) -> u32 {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let url = format!("http://{}", serving.grpc);
+        let mut client = RateLimitServiceClient::connect(url)
+            .await
+            .expect("a connection");
+        let ask = request("web", vec![descriptor(&[("remote_address", "limit")])]);
+        let response = client
+            .should_rate_limit(ask)
+            .await
+            .expect("a decision")
+            .into_inner();
+        response.statuses[0]
+            .current_limit
+            .as_ref()
+            .map_or(0, |limit| limit.requests_per_unit)
+    })
+}
+
+#[test]
+fn sighup_reloads_the_rules() {
+    let text = |per_minute: u32| {
+        format!(
+            "domain: web\ndescriptors:\n  - key: remote_address\n    \
+             rate_limit: {{unit: minute, requests_per_unit: {per_minute}}}\n"
+        )
+    };
+    let (_dir, file) = write_rules(&text(3));
+    let mut args = loopback_args(&file);
+    args.extend(["--rules-poll-interval".to_owned(), "0s".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serving = serve(&args, &[]).expect("sluice serves");
+    assert_eq!(limit_in_force(&serving), 3);
+
+    std::fs::write(&file, text(30)).expect("the rules are rewritten");
+    // Not watched: nothing changes until SIGHUP.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(limit_in_force(&serving), 3);
+
+    let pid = serving.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill runs")
+            .success()
+    );
+    let reloaded = std::iter::from_fn(|| serving.lines.recv_timeout(Duration::from_secs(10)).ok())
+        .any(|line| line.contains("rules reloaded"));
+    assert!(reloaded, "no reload was logged");
+    assert_eq!(limit_in_force(&serving), 30);
+}
+
+#[test]
+fn sigterm_under_load_lets_calls_in_flight_finish() {
+    let (_dir, file) = write_rules(RULES);
+    let args = loopback_args(&file);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut serving = serve(&args, &[]).expect("sluice serves");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let url = format!("http://{}", serving.grpc);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|t| {
+            let (url, stop) = (url.clone(), stop.clone());
+            runtime.spawn(async move {
+                let mut client = RateLimitServiceClient::connect(url)
+                    .await
+                    .expect("a connection");
+                let (mut decided, mut refused, mut broken) = (0, 0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ask = request(
+                        "web",
+                        vec![descriptor(&[("remote_address", &format!("{t}"))])],
+                    );
+                    match client.should_rate_limit(ask).await {
+                        Ok(_) => decided += 1,
+                        // Refused or cut off once the server stops accepting: not a decision
+                        // gone wrong.
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::Cancelled
+                                    | tonic::Code::Unknown
+                            ) =>
+                        {
+                            refused += 1;
+                            if refused > 20 {
+                                break;
+                            }
+                        }
+                        Err(_) => broken += 1,
+                    }
+                }
+                (decided, refused, broken)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = serving.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs")
+            .success()
+    );
+    let status = serving.child.wait().expect("sluice exits");
+    assert!(status.success(), "exit status {status}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut decided = 0;
+    for task in load {
+        let (d, _refused, broken) = runtime.block_on(task).expect("a load task ends");
+        decided += d;
+        assert_eq!(broken, 0);
+    }
+    assert!(decided > 100, "{decided}");
+}
