@@ -102,6 +102,10 @@ impl Limiter {
     /// running finish on the rules they started with.
     pub fn replace_rules(&self, rules: RuleSet) {
         self.rules.store(Arc::new(rules));
+        // A changed limit may hold tokens again: what was known to be empty may not be.
+        if let Store::Guarded(guarded) = &self.store {
+            guarded.clear_over_limit_cache();
+        }
     }
 
     /// The store decisions are made in.

@@ -17,7 +17,7 @@ use sluice::store::{
 };
 use tonic::transport::Channel;
 
-const RULES: &str = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1000000}\n";
+const RULES: &str = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1000000}\n  - key: small\n    rate_limit: {unit: minute, requests_per_unit: 2}\n";
 
 async fn start(redis: &RedisProcess, mode: FailureMode) -> (Server, Arc<Limiter>) {
     let settings = RedisSettings {
@@ -159,4 +159,57 @@ async fn failure_modes_allow_and_deny() {
         }
         server.shutdown(Duration::from_secs(1)).await;
     }
+}
+
+/// A bucket Redis said is empty is denied locally until it refills: no Redis call, so a hung
+/// Redis does not even notice. A reload of the rules forgets what the cache knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_over_limit_cache_answers_without_redis() {
+    let redis = RedisProcess::on_socket();
+    let (server, limiter) = start(&redis, FailureMode::Fallback).await;
+    let client = connect(&server).await;
+    let ask = |value: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let ask = request("d", vec![descriptor(&[("small", value)])]);
+            let answer = client
+                .should_rate_limit(ask)
+                .await
+                .expect("a decision")
+                .into_inner();
+            Code::try_from(answer.overall_code).expect("a code")
+        }
+    };
+    assert_eq!(ask("x").await, Code::Ok);
+    assert_eq!(ask("x").await, Code::Ok);
+    assert_eq!(ask("x").await, Code::OverLimit);
+
+    redis.signal("STOP");
+    for _ in 0..5 {
+        assert_eq!(ask("x").await, Code::OverLimit);
+    }
+    assert_eq!(limiter.store().breaker(), Some(BreakerState::Closed));
+    // Another bucket needs Redis, which does not answer: the fallback decides.
+    assert_eq!(ask("y").await, Code::Ok);
+    assert_eq!(limiter.store().breaker(), Some(BreakerState::Open));
+    redis.signal("CONT");
+    // Probes ride on decisions: keep asking until one finds Redis back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while limiter.store().breaker() != Some(BreakerState::Closed) {
+        assert!(Instant::now() < deadline, "Redis was not probed back");
+        ask("z").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // New rules: the cache is cleared and Redis decides again (its bucket is still empty).
+    let domain = sluice::rules::load_str(std::path::Path::new("d.yaml"), RULES).expect("valid");
+    limiter.replace_rules(sluice::rules::RuleSet::from_domains(vec![domain]).expect("one"));
+    redis.signal("STOP");
+    assert_eq!(
+        ask("x").await,
+        Code::Ok,
+        "decided by the fallback, after Redis missed its deadline"
+    );
+    redis.signal("CONT");
+    server.shutdown(Duration::from_secs(1)).await;
 }

@@ -16,12 +16,136 @@
 //! The fallback is the memory store, not a separate rate-limiting library: it is exact, all or
 //! nothing across descriptors, and a denied request costs nothing there too, so a decision
 //! means the same thing whichever store made it.
+//!
+//! In front of Redis sits the over-limit cache: when Redis says an enforcing bucket lacks the
+//! one token a request asked for, it also says when that token will be there; until then any
+//! request on that bucket is denied here, without a Redis call. For a token bucket this is
+//! exact (nothing but time adds tokens), so it saves Redis the load of clients that keep
+//! knocking while over their limit.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Charge, ChargeResult, Decision, MemoryStore, RedisStore, StoreError};
-use crate::bucket::Shape;
+use super::{Charge, ChargeResult, Decision, MemoryStore, Mode, RedisStore, StoreError};
+use crate::bucket::{Report, Shape};
+
+/// Buckets the over-limit cache remembers at most, over all its shards.
+const OVER_LIMIT_CACHE_ENTRIES: usize = 100_000;
+const OVER_LIMIT_CACHE_SHARDS: usize = 16;
+
+/// Buckets known to hold less than one token until a given instant.
+struct OverLimitCache {
+    origin: Instant,
+    shards: Vec<Mutex<HashMap<Vec<u8>, u64>>>,
+    hasher: RandomState,
+}
+
+impl OverLimitCache {
+    fn new() -> OverLimitCache {
+        let shards = (0..OVER_LIMIT_CACHE_SHARDS)
+            .map(|_| Mutex::new(HashMap::new()))
+            .collect();
+        OverLimitCache {
+            origin: Instant::now(),
+            shards,
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, u64>> {
+        let index = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
+        // Entries are plain numbers replaced whole: a poisoned shard is still consistent.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Microseconds until `key` holds a token, if it is known to be empty now.
+    fn empty_for(&self, key: &[u8]) -> Option<u64> {
+        let now = self.now_us();
+        let mut shard = self.shard(key);
+        match shard.get(key) {
+            Some(&until) if until > now => Some(until - now),
+            Some(_) => {
+                shard.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers what a Redis decision said of its enforcing buckets that lacked one token.
+    fn learn(&self, charges: &[Charge], decision: &Decision) {
+        let now = self.now_us();
+        for (charge, result) in charges.iter().zip(&decision.results) {
+            let lacks_one = charge.mode == Mode::Enforce && !result.held && charge.need() == 1;
+            let until = result.report.and_then(|report| report.until_hits_us);
+            if let (true, Some(until)) = (lacks_one, until) {
+                let mut shard = self.shard(&charge.key);
+                if shard.len() >= OVER_LIMIT_CACHE_ENTRIES / OVER_LIMIT_CACHE_SHARDS {
+                    shard.retain(|_, &mut until| until > now);
+                }
+                if shard.len() < OVER_LIMIT_CACHE_ENTRIES / OVER_LIMIT_CACHE_SHARDS {
+                    shard.insert(charge.key.clone(), now + until);
+                }
+            }
+        }
+    }
+
+    fn clear(&self) {
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clear();
+        }
+    }
+
+    /// The denial of a request one of whose enforcing buckets is known to be empty, or `None`.
+    fn deny(&self, charges: &[Charge]) -> Option<Decision> {
+        let empty: Vec<Option<u64>> = charges
+            .iter()
+            .map(|c| {
+                if c.mode == Mode::Enforce {
+                    self.empty_for(&c.key)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        if empty.iter().all(Option::is_none) {
+            return None;
+        }
+        // Only the empty buckets are known; the others are reported as holding, untouched.
+        let results = empty
+            .iter()
+            .map(|empty| match empty {
+                Some(until) => ChargeResult {
+                    held: false,
+                    report: Some(Report {
+                        remaining: 0,
+                        until_full_us: *until,
+                        until_hits_us: Some(*until),
+                    }),
+                },
+                None => ChargeResult {
+                    held: true,
+                    report: None,
+                },
+            })
+            .collect();
+        Some(Decision {
+            passed: false,
+            results,
+        })
+    }
+}
 
 /// What to do while Redis cannot decide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +203,7 @@ pub struct Guarded {
     share: f64,
     probe_interval: Duration,
     breaker: Mutex<Breaker>,
+    over_limit: OverLimitCache,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -117,6 +242,7 @@ impl Guarded {
             share,
             probe_interval,
             breaker: Mutex::new(breaker),
+            over_limit: OverLimitCache::new(),
         }
     }
 
@@ -180,25 +306,42 @@ impl Guarded {
         breaker.state = BreakerState::Open;
     }
 
+    /// Forgets what the over-limit cache knows; for when the rules change.
+    pub fn clear_over_limit_cache(&self) {
+        self.over_limit.clear();
+    }
+
     /// Decides with Redis while it answers, otherwise as the failure mode says.
     pub async fn charge(&self, charges: &[Charge]) -> Result<Decision, StoreError> {
         match self.route() {
             Route::Fallback => self.without_redis(charges, None),
-            Route::Redis | Route::Probe => match self.redis.charge(charges).await {
-                Ok(decision) => {
-                    self.succeeded();
-                    Ok(decision)
+            Route::Redis | Route::Probe => {
+                if let Some(denied) = self.over_limit.deny(charges) {
+                    return Ok(denied);
                 }
-                Err(error) if error.is_transient() => {
-                    self.failed(&error);
-                    self.without_redis(charges, Some(error))
+                self.with_redis(charges).await
+            }
+        }
+    }
+
+    async fn with_redis(&self, charges: &[Charge]) -> Result<Decision, StoreError> {
+        match self.redis.charge(charges).await {
+            Ok(decision) => {
+                self.succeeded();
+                if !decision.passed {
+                    self.over_limit.learn(charges, &decision);
                 }
-                Err(error) => {
-                    // Not an outage (a defect, or a script error): the breaker stays as it is.
-                    self.succeeded();
-                    Err(error)
-                }
-            },
+                Ok(decision)
+            }
+            Err(error) if error.is_transient() => {
+                self.failed(&error);
+                self.without_redis(charges, Some(error))
+            }
+            Err(error) => {
+                // Not an outage (a defect, or a script error): the breaker stays as it is.
+                self.succeeded();
+                Err(error)
+            }
         }
     }
 
