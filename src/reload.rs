@@ -53,6 +53,7 @@ pub fn reload(limiter: &Limiter, paths: &[PathBuf]) -> Result<(), rules::RuleErr
             let domains = set.domains().len();
             limiter.replace_rules(set);
             limiter.set_rules_error(None);
+            metrics::counter!(crate::telemetry::RULES_RELOADS, "result" => "ok").increment(1);
             tracing::info!(domains, "rules reloaded");
             Ok(())
         }
@@ -62,6 +63,7 @@ pub fn reload(limiter: &Limiter, paths: &[PathBuf]) -> Result<(), rules::RuleErr
                 tracing::error!(%error, "rules not reloaded; the previous rules stay in force");
             }
             limiter.set_rules_error(Some(message));
+            metrics::counter!(crate::telemetry::RULES_RELOADS, "result" => "error").increment(1);
             Err(error)
         }
     }

@@ -60,6 +60,7 @@ impl Server {
                 .await
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
+        crate::telemetry::prometheus();
         let grpc = bind("gRPC", addresses.grpc).await?;
         let http = bind("HTTP", addresses.http).await?;
         let local = |listener: &TcpListener, what, addr| {
@@ -89,7 +90,9 @@ impl Server {
         }));
 
         let health = limiter.clone();
-        let admin = Router::new().route("/healthcheck", get(move || healthcheck(health.clone())));
+        let admin = Router::new()
+            .route("/healthcheck", get(move || healthcheck(health.clone())))
+            .route("/metrics", get(render_metrics));
         let signal = wait_for_stop(stopped.clone());
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(http, admin)
@@ -163,6 +166,13 @@ async fn sweep_memory(limiter: Arc<Limiter>, mut stopped: watch::Receiver<bool>)
             _ = stopped.wait_for(|stop| *stop) => return,
         }
     }
+}
+
+/// The metrics in Prometheus's text format.
+async fn render_metrics() -> String {
+    crate::telemetry::prometheus()
+        .map(|handle| handle.render())
+        .unwrap_or_default()
 }
 
 /// `OK` while serving; then a line for the Redis breaker, if any, and one for a failed reload

@@ -498,3 +498,59 @@ fn sigterm_under_load_lets_calls_in_flight_finish() {
     }
     assert!(decided > 100, "{decided}");
 }
+
+#[test]
+fn a_redis_outage_shows_in_health_and_metrics() {
+    let (_dir, file) = write_rules(RULES);
+    let mut redis = common::redis::RedisProcess::on_socket();
+    let mut args = loopback_args(&file);
+    args.extend(["--redis-url".to_owned(), redis.url()]);
+    args.extend(["--redis-timeout".to_owned(), "200ms".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serving = serve(&args, &[]).expect("sluice serves");
+    assert_eq!(ask_once(&serving), 19);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let health = runtime
+        .block_on(common::http::get(serving.http, "/healthcheck"))
+        .expect("health");
+    assert_eq!(health.body, "OK\nredis breaker: closed");
+
+    redis.kill();
+    // Decided by the fallback, which has buckets of its own.
+    assert_eq!(ask_once(&serving), 19);
+    assert_eq!(ask_once(&serving), 18);
+    let health = runtime
+        .block_on(common::http::get(serving.http, "/healthcheck"))
+        .expect("health");
+    assert_eq!(
+        (health.status, health.body.as_str()),
+        (200, "OK\nredis breaker: open")
+    );
+    let metrics = runtime
+        .block_on(common::http::get(serving.http, "/metrics"))
+        .expect("metrics");
+    let value = |name: &str| -> Option<f64> {
+        metrics
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert_eq!(
+        value("sluice_redis_breaker_state "),
+        Some(1.0),
+        "{}",
+        metrics.body
+    );
+    assert_eq!(
+        value("sluice_fallback_decisions_total "),
+        Some(2.0),
+        "{}",
+        metrics.body
+    );
+    let lines: Vec<String> = serving.lines.try_iter().collect();
+    let warnings = lines
+        .iter()
+        .filter(|line| line.contains("Redis failed"))
+        .count();
+    assert_eq!(warnings, 1, "one log line per change of state: {lines:?}");
+}

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use super::{Charge, ChargeResult, Decision, MemoryStore, Mode, RedisStore, StoreError};
 use crate::bucket::{Report, Shape};
+use crate::telemetry;
 
 /// Buckets the over-limit cache remembers at most, over all its shards.
 const OVER_LIMIT_CACHE_ENTRIES: usize = 100_000;
@@ -274,6 +275,7 @@ impl Guarded {
             BreakerState::Closed => Route::Redis,
             BreakerState::Open if Instant::now() >= breaker.next_probe => {
                 breaker.state = BreakerState::Probing;
+                metrics::gauge!(telemetry::BREAKER_STATE).set(2.0);
                 Route::Probe
             }
             BreakerState::Open | BreakerState::Probing => Route::Fallback,
@@ -286,6 +288,7 @@ impl Guarded {
             let outage_ms = breaker.opened.elapsed().as_millis();
             tracing::info!(outage_ms, "Redis answers again; deciding with Redis");
             breaker.state = BreakerState::Closed;
+            metrics::gauge!(telemetry::BREAKER_STATE).set(0.0);
         }
     }
 
@@ -304,6 +307,7 @@ impl Guarded {
             BreakerState::Open => {}
         }
         breaker.state = BreakerState::Open;
+        metrics::gauge!(telemetry::BREAKER_STATE).set(1.0);
     }
 
     /// Forgets what the over-limit cache knows; for when the rules change.
@@ -317,6 +321,7 @@ impl Guarded {
             Route::Fallback => self.without_redis(charges, None),
             Route::Redis | Route::Probe => {
                 if let Some(denied) = self.over_limit.deny(charges) {
+                    metrics::counter!(telemetry::OVER_LIMIT_CACHE_HITS).increment(1);
                     return Ok(denied);
                 }
                 self.with_redis(charges).await
@@ -350,6 +355,7 @@ impl Guarded {
         charges: &[Charge],
         error: Option<StoreError>,
     ) -> Result<Decision, StoreError> {
+        metrics::counter!(telemetry::FALLBACK_DECISIONS).increment(1);
         match self.mode {
             FailureMode::Fallback => Ok(self.fallback.charge(&self.scaled(charges))),
             FailureMode::Allow => Ok(Decision {
