@@ -432,6 +432,27 @@ fn sighup_reloads_the_rules() {
     assert_eq!(limit_in_force(&serving), 30);
 }
 
+/// Whether a failed call was cut off by the connection closing (the transport, HTTP/2), as
+/// opposed to a status the service chose.
+fn cut_off(status: &tonic::Status) -> bool {
+    let message = status.message().to_ascii_lowercase();
+    let transport = [
+        "h2",
+        "transport",
+        "connection",
+        "stream",
+        "broken pipe",
+        "reset",
+        "goaway",
+    ]
+    .iter()
+    .any(|word| message.contains(word));
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) || transport
+}
+
 #[test]
 fn sigterm_under_load_lets_calls_in_flight_finish() {
     let (_dir, file) = write_rules(RULES);
@@ -448,7 +469,7 @@ fn sigterm_under_load_lets_calls_in_flight_finish() {
                 let mut client = RateLimitServiceClient::connect(url)
                     .await
                     .expect("a connection");
-                let (mut decided, mut refused, mut broken) = (0, 0, 0);
+                let (mut decided, mut refused, mut broken) = (0, 0, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let ask = request(
                         "web",
@@ -456,22 +477,15 @@ fn sigterm_under_load_lets_calls_in_flight_finish() {
                     );
                     match client.should_rate_limit(ask).await {
                         Ok(_) => decided += 1,
-                        // Refused or cut off once the server stops accepting: not a decision
-                        // gone wrong.
-                        Err(status)
-                            if matches!(
-                                status.code(),
-                                tonic::Code::Unavailable
-                                    | tonic::Code::Cancelled
-                                    | tonic::Code::Unknown
-                            ) =>
-                        {
+                        // Refused or cut off at the connection once the server stops
+                        // accepting: not a decision gone wrong.
+                        Err(status) if cut_off(&status) => {
                             refused += 1;
                             if refused > 20 {
                                 break;
                             }
                         }
-                        Err(_) => broken += 1,
+                        Err(status) => broken.push(format!("{status:?}")),
                     }
                 }
                 (decided, refused, broken)
@@ -494,7 +508,7 @@ fn sigterm_under_load_lets_calls_in_flight_finish() {
     for task in load {
         let (d, _refused, broken) = runtime.block_on(task).expect("a load task ends");
         decided += d;
-        assert_eq!(broken, 0);
+        assert!(broken.is_empty(), "{broken:?}");
     }
     assert!(decided > 100, "{decided}");
 }
