@@ -34,6 +34,9 @@ pub mod envoy {
     }
 }
 
+/// The encoded descriptors of the protos, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rls_descriptor");
+
 pub use envoy::config::core::v3::HeaderValue;
 pub use envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 pub use envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{

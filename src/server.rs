@@ -41,6 +41,9 @@ pub enum StartError {
         /// What the system said.
         source: std::io::Error,
     },
+    /// The reflection service could not read the protos' descriptors.
+    #[error("cannot build gRPC reflection: {0}")]
+    Reflection(String),
 }
 
 /// A running server.
@@ -77,11 +80,30 @@ impl Server {
         let service = RateLimitServiceServer::new(GrpcService {
             limiter: limiter.clone(),
         });
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<RateLimitServiceServer<GrpcService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|error| StartError::Reflection(error.to_string()))?;
+        // Health says NOT_SERVING as soon as shutdown begins, for the balancers to move away.
+        let mut going_down = stopped.clone();
+        tokio::spawn(async move {
+            let _ = going_down.wait_for(|stop| *stop).await;
+            health_reporter
+                .set_not_serving::<RateLimitServiceServer<GrpcService>>()
+                .await;
+        });
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
         let signal = wait_for_stop(stopped.clone());
         tasks.push(tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(health)
+                .add_service(reflection)
                 .serve_with_incoming_shutdown(incoming, signal)
                 .await;
             if let Err(error) = served {
