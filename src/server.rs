@@ -114,7 +114,11 @@ impl Server {
         let health = limiter.clone();
         let admin = Router::new()
             .route("/healthcheck", get(move || healthcheck(health.clone())))
-            .route("/metrics", get(render_metrics));
+            .route("/metrics", get(render_metrics))
+            .route(
+                "/json",
+                axum::routing::post(decide_json).with_state(limiter.clone()),
+            );
         let signal = wait_for_stop(stopped.clone());
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(http, admin)
@@ -186,6 +190,38 @@ async fn sweep_memory(limiter: Arc<Limiter>, mut stopped: watch::Receiver<bool>)
                 }
             }
             _ = stopped.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// `POST /json`: a decision for the proto3 JSON form of a `RateLimitRequest`.
+///
+/// 200 with the response when the request may pass, 429 when it is over the limit, 400 with
+/// a message when the JSON or the request is wrong, 503 when the store cannot decide.
+async fn decide_json(
+    axum::extract::State(limiter): axum::extract::State<Arc<Limiter>>,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    use axum::http::StatusCode;
+    let failure =
+        |status, message: String| (status, axum::Json(serde_json::json!({ "error": message })));
+    let request = match crate::json::request_from_json(&body) {
+        Ok(request) => request,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, message),
+    };
+    match limiter.decide(&request).await {
+        Ok(response) => {
+            let over = response.overall_code == crate::proto::Code::OverLimit as i32;
+            let status = if over {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::OK
+            };
+            (status, axum::Json(crate::json::response_to_json(&response)))
+        }
+        Err(DecideError::Invalid(message)) => failure(StatusCode::BAD_REQUEST, message),
+        Err(DecideError::Store(error)) => {
+            failure(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
         }
     }
 }
