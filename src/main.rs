@@ -144,6 +144,10 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
+    /// A hit counts as near the limit when at least this share of its bucket is used.
+    #[arg(long, env = "SLUICE_NEAR_LIMIT_RATIO", default_value_t = 0.8)]
+    near_limit_ratio: f64,
+
     /// Threads that serve requests; default: one per core.
     #[arg(long, env = "SLUICE_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -309,8 +313,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 )))
             }
         };
-        let limiter =
-            Arc::new(Limiter::new(rules, store, bounds).with_hash_tag(args.redis_hash_tag));
+        let limiter = Arc::new(
+            Limiter::new(rules, store, bounds)
+                .with_hash_tag(args.redis_hash_tag)
+                .with_near_limit_ratio(args.near_limit_ratio),
+        );
         let addresses = Addresses {
             grpc: args.grpc_addr,
             http: args.http_addr,

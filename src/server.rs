@@ -112,9 +112,11 @@ impl Server {
         }));
 
         let health = limiter.clone();
+        let config = limiter.clone();
         let admin = Router::new()
             .route("/healthcheck", get(move || healthcheck(health.clone())))
             .route("/metrics", get(render_metrics))
+            .route("/rlconfig", get(move || rlconfig(config.clone())))
             .route(
                 "/json",
                 axum::routing::post(decide_json).with_state(limiter.clone()),
@@ -224,6 +226,11 @@ async fn decide_json(
             failure(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
         }
     }
+}
+
+/// The rules in force, one line per rule, as `sluice check-config` prints them.
+async fn rlconfig(limiter: Arc<Limiter>) -> String {
+    crate::rules::describe(&limiter.rules())
 }
 
 /// The metrics in Prometheus's text format.

@@ -18,6 +18,7 @@ use crate::proto::{
 };
 use crate::rules::{Domain, Found, Limit, LimitKind, Rate, RuleSet, Unit};
 use crate::store::{Charge, ChargeResult, Mode, Store, StoreError};
+use crate::telemetry;
 
 /// Bounds on the size of a request, each answered with `INVALID_ARGUMENT` when exceeded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +62,7 @@ pub struct Limiter {
     store: Store,
     bounds: Bounds,
     hash_tag: HashTag,
+    near_limit_ratio: f64,
     /// Why the last reload of the rules failed, while the rules before it serve.
     rules_error: arc_swap::ArcSwapOption<String>,
 }
@@ -73,6 +75,7 @@ impl Limiter {
             store,
             bounds,
             hash_tag: HashTag::None,
+            near_limit_ratio: 0.8,
             rules_error: arc_swap::ArcSwapOption::empty(),
         }
     }
@@ -118,16 +121,43 @@ impl Limiter {
         &self,
         request: &RateLimitRequest,
     ) -> Result<RateLimitResponse, DecideError> {
+        let started = std::time::Instant::now();
+        let decided = self.decide_timed(request).await;
+        let outcome = match &decided {
+            Ok(response) if response.overall_code == Code::OverLimit as i32 => "over_limit",
+            Ok(_) => "ok",
+            Err(DecideError::Invalid(_)) => "invalid",
+            Err(DecideError::Store(_)) => "store_error",
+        };
+        telemetry::decision(outcome, started.elapsed());
+        decided
+    }
+
+    async fn decide_timed(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, DecideError> {
         validate(request, &self.bounds)?;
         let rules = self.rules.load();
         let Some(domain) = rules.domain(&request.domain) else {
             // An unknown domain limits nothing; a client override needs a known domain.
+            telemetry::unknown_domain();
             let statuses = request.descriptors.iter().map(|_| no_limit()).collect();
             return Ok(response(Code::Ok, statuses, Vec::new()));
         };
         let plan = plan(domain, request, self.hash_tag)?;
-        let decision = self.store.charge(&plan.charges).await?;
+        let started = std::time::Instant::now();
+        let decision = self.store.charge(&plan.charges).await;
+        telemetry::store_call(self.store.name(), started.elapsed(), decision.is_ok());
+        let decision = decision?;
+        plan.record(&domain.name, &decision.results, self.near_limit_ratio);
         Ok(plan.answer(decision.passed, &decision.results))
+    }
+
+    /// Counts a hit as near the limit when at least this share of the bucket is used.
+    pub fn with_near_limit_ratio(mut self, ratio: f64) -> Limiter {
+        self.near_limit_ratio = ratio;
+        self
     }
 }
 
@@ -244,6 +274,10 @@ enum Planned {
         first: usize,
         rates: Vec<(Rate, Option<String>)>,
         shadow: bool,
+        /// The rule's name in metrics.
+        metric: String,
+        /// Hits the descriptor asked for.
+        hits: u64,
     },
 }
 
@@ -326,10 +360,16 @@ fn plan(
             });
             rates.push((rate, limit.name.clone()));
         }
+        let metric = match rule {
+            Some(rule) => rule.metric_name.clone(),
+            None => format!("{}.override", domain.name),
+        };
         descriptors.push(Planned::Limited {
             first,
             rates,
             shadow,
+            metric,
+            hits,
         });
     }
     Ok(Plan {
@@ -405,6 +445,38 @@ fn bucket_key(
 }
 
 impl Plan {
+    /// Counts each limited descriptor's hits by outcome, per domain and rule.
+    fn record(&self, domain: &str, results: &[ChargeResult], near_ratio: f64) {
+        for planned in &self.descriptors {
+            let Planned::Limited {
+                first,
+                rates,
+                shadow,
+                metric,
+                hits,
+            } = planned
+            else {
+                continue;
+            };
+            let results = &results[*first..*first + rates.len()];
+            let over = results.iter().any(|result| !result.held);
+            let above_capacity = rates.iter().any(|(rate, _)| *hits > u64::from(rate.burst));
+            let near = !over
+                && rates.iter().zip(results).any(|((rate, _), result)| {
+                    let remaining = result.report.map_or(0, |report| report.remaining);
+                    let capacity = f64::from(rate.burst.max(1));
+                    (capacity - remaining as f64) / capacity >= near_ratio
+                });
+            let outcome = match (over, shadow) {
+                (true, true) => telemetry::Outcome::Shadow,
+                (true, false) => telemetry::Outcome::OverLimit,
+                (false, _) if near => telemetry::Outcome::NearLimit,
+                (false, _) => telemetry::Outcome::WithinLimit,
+            };
+            telemetry::rule_hits(domain, metric, *hits, outcome, above_capacity);
+        }
+    }
+
     fn answer(&self, passed: bool, results: &[ChargeResult]) -> RateLimitResponse {
         let statuses = self
             .descriptors
@@ -420,6 +492,7 @@ impl Plan {
                     first,
                     rates,
                     shadow,
+                    ..
                 } => {
                     let results = &results[*first..*first + rates.len()];
                     limited_status(rates, results, *shadow)

@@ -5,7 +5,9 @@
 
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, describe_gauge};
+use std::time::Duration;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Where decisions are made: 0 Redis, 1 the fallback, 2 the fallback with a probe out.
@@ -16,6 +18,75 @@ pub const FALLBACK_DECISIONS: &str = "sluice_fallback_decisions_total";
 pub const OVER_LIMIT_CACHE_HITS: &str = "sluice_over_limit_cache_hits_total";
 /// Reloads of the rules, by `result` (`ok` or `error`).
 pub const RULES_RELOADS: &str = "sluice_rules_reloads_total";
+
+/// Hits on a rule, by domain and rule (`total_hits`, and one of the four below).
+pub const RULE_TOTAL_HITS: &str = "sluice_rule_total_hits";
+/// Hits denied by a rule.
+pub const RULE_OVER_LIMIT: &str = "sluice_rule_over_limit";
+/// Hits allowed while the bucket was at least the near-limit share used.
+pub const RULE_NEAR_LIMIT: &str = "sluice_rule_near_limit";
+/// Hits allowed with room to spare.
+pub const RULE_WITHIN_LIMIT: &str = "sluice_rule_within_limit";
+/// Hits a shadow-mode rule would have denied.
+pub const RULE_SHADOW_MODE: &str = "sluice_rule_shadow_mode";
+/// Requests asking for more hits than a limit's capacity: a misconfiguration, not a burst.
+pub const RULE_HITS_ABOVE_CAPACITY: &str = "sluice_rule_hits_above_capacity";
+/// Time of one store call, by store and result.
+pub const STORE_SECONDS: &str = "sluice_store_call_seconds";
+
+/// How a descriptor's hits ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Allowed with room to spare.
+    WithinLimit,
+    /// Allowed, with the bucket at least the near-limit share used.
+    NearLimit,
+    /// Denied.
+    OverLimit,
+    /// Would have been denied, but the rule is in shadow mode.
+    Shadow,
+}
+
+/// Counts `hits` on `rule` of `domain`.
+pub fn rule_hits(domain: &str, rule: &str, hits: u64, outcome: Outcome, above_capacity: bool) {
+    let labels = [("domain", domain.to_owned()), ("rule", rule.to_owned())];
+    metrics::counter!(RULE_TOTAL_HITS, &labels).increment(hits);
+    let name = match outcome {
+        Outcome::WithinLimit => RULE_WITHIN_LIMIT,
+        Outcome::NearLimit => RULE_NEAR_LIMIT,
+        Outcome::OverLimit => RULE_OVER_LIMIT,
+        Outcome::Shadow => RULE_SHADOW_MODE,
+    };
+    metrics::counter!(name, &labels).increment(hits);
+    if above_capacity {
+        metrics::counter!(RULE_HITS_ABOVE_CAPACITY, &labels).increment(1);
+    }
+}
+
+/// Decisions, by outcome (`ok`, `over_limit`, `invalid`, `store_error`).
+pub const DECISIONS: &str = "sluice_decisions_total";
+/// Time of one decision, from request to response.
+pub const DECISION_SECONDS: &str = "sluice_decision_seconds";
+/// Requests for a domain no rule file defines.
+pub const UNKNOWN_DOMAIN: &str = "sluice_unknown_domain_total";
+
+/// Records one decision.
+pub fn decision(outcome: &'static str, took: Duration) {
+    metrics::counter!(DECISIONS, "outcome" => outcome).increment(1);
+    metrics::histogram!(DECISION_SECONDS).record(took.as_secs_f64());
+}
+
+/// Counts a request for an unknown domain (the domain is not a label: it is the caller's).
+pub fn unknown_domain() {
+    metrics::counter!(UNKNOWN_DOMAIN).increment(1);
+}
+
+/// Records one store call.
+pub fn store_call(store: &'static str, took: Duration, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::histogram!(STORE_SECONDS, "store" => store, "result" => result)
+        .record(took.as_secs_f64());
+}
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -47,4 +118,23 @@ fn describe() {
         "Requests denied by the over-limit cache"
     );
     describe_counter!(RULES_RELOADS, "Reloads of the rules, by result");
+    describe_counter!(RULE_TOTAL_HITS, "Hits on a rule, by domain and rule");
+    describe_counter!(RULE_OVER_LIMIT, "Hits denied by a rule");
+    describe_counter!(
+        RULE_NEAR_LIMIT,
+        "Hits allowed with the bucket nearly used up"
+    );
+    describe_counter!(RULE_WITHIN_LIMIT, "Hits allowed with room to spare");
+    describe_counter!(
+        RULE_SHADOW_MODE,
+        "Hits a shadow-mode rule would have denied"
+    );
+    describe_counter!(
+        RULE_HITS_ABOVE_CAPACITY,
+        "Requests asking more hits than a capacity"
+    );
+    describe_histogram!(STORE_SECONDS, "Time of one store call, by store and result");
+    describe_counter!(DECISIONS, "Decisions, by outcome");
+    describe_histogram!(DECISION_SECONDS, "Time of one decision");
+    describe_counter!(UNKNOWN_DOMAIN, "Requests for a domain no rule file defines");
 }

@@ -568,3 +568,70 @@ fn a_redis_outage_shows_in_health_and_metrics() {
         .count();
     assert_eq!(warnings, 1, "one log line per change of state: {lines:?}");
 }
+
+#[test]
+fn metrics_and_rlconfig_after_a_known_sequence() {
+    let (_dir, file) = write_rules(RULES);
+    let args = loopback_args(&file);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serving = serve(&args, &[]).expect("sluice serves");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let url = format!("http://{}", serving.grpc);
+        let mut client = RateLimitServiceClient::connect(url)
+            .await
+            .expect("a connection");
+        for _ in 0..6 {
+            let entries = [("remote_address", "1.1.1.1"), ("path", "/login")];
+            let ask = request("web", vec![descriptor(&entries)]);
+            client.should_rate_limit(ask).await.expect("a decision");
+        }
+        let ask = request("elsewhere", vec![descriptor(&[("a", "b")])]);
+        client.should_rate_limit(ask).await.expect("a decision");
+    });
+    let metrics = runtime
+        .block_on(common::http::get(serving.http, "/metrics"))
+        .expect("metrics");
+    let value = |line_start: &str| -> Option<f64> {
+        let line = metrics
+            .body
+            .lines()
+            .find(|line| line.starts_with(line_start))?;
+        line.rsplit(' ').next()?.parse().ok()
+    };
+    let rule = r#"{domain="web",rule="web.remote_address.path_/login"}"#;
+    // Five of 5 per minute pass: 1, 2 and 3 used leave room, 4 and 5 are at 80% and more.
+    assert_eq!(
+        value(&format!("sluice_rule_total_hits{rule} ")),
+        Some(6.0),
+        "{}",
+        metrics.body
+    );
+    assert_eq!(
+        value(&format!("sluice_rule_within_limit{rule} ")),
+        Some(3.0)
+    );
+    assert_eq!(value(&format!("sluice_rule_near_limit{rule} ")), Some(2.0));
+    assert_eq!(value(&format!("sluice_rule_over_limit{rule} ")), Some(1.0));
+    assert_eq!(value(r#"sluice_decisions_total{outcome="ok"} "#), Some(6.0));
+    assert_eq!(
+        value(r#"sluice_decisions_total{outcome="over_limit"} "#),
+        Some(1.0)
+    );
+    assert_eq!(value("sluice_unknown_domain_total "), Some(1.0));
+    assert_eq!(value("sluice_decision_seconds_count "), Some(7.0));
+    assert!(
+        metrics.body.contains("# HELP sluice_rule_total_hits"),
+        "described once"
+    );
+
+    let config = runtime
+        .block_on(common::http::get(serving.http, "/rlconfig"))
+        .expect("rules");
+    assert_eq!(config.status, 200);
+    assert!(
+        config.body.contains("    path=/login: 5 per minute\n"),
+        "{}",
+        config.body
+    );
+}

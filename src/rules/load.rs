@@ -198,7 +198,7 @@ impl Reader<'_> {
         let mut place = Vec::new();
         key::push_part(&mut place, name.as_bytes());
         if let Some(list) = field(top, "descriptors") {
-            self.descriptors(list, "descriptors", &place, &mut root)?;
+            self.descriptors(list, "descriptors", (&place, &name), &mut root)?;
         }
         Ok(Domain {
             name,
@@ -211,7 +211,7 @@ impl Reader<'_> {
         &self,
         node: &MarkedYaml<'_>,
         path: &str,
-        parent_place: &[u8],
+        parent: (&[u8], &str),
         level: &mut Level,
     ) -> Result<(), RuleError> {
         if is_null(node) {
@@ -221,7 +221,7 @@ impl Reader<'_> {
             return Err(self.error(node, path, "`descriptors` must be a list"));
         };
         for (i, item) in items.iter().enumerate() {
-            let rule = self.descriptor(item, &format!("{path}[{i}]"), parent_place, level)?;
+            let rule = self.descriptor(item, &format!("{path}[{i}]"), parent, level)?;
             level.insert(rule);
         }
         Ok(())
@@ -231,7 +231,7 @@ impl Reader<'_> {
         &self,
         node: &MarkedYaml<'_>,
         path: &str,
-        parent_place: &[u8],
+        (parent_place, parent_metric): (&[u8], &str),
         level: &Level,
     ) -> Result<Rule, RuleError> {
         let map = self.mapping(node, path, DESCRIPTOR_KEYS, "a descriptor")?;
@@ -259,6 +259,11 @@ impl Reader<'_> {
             return Err(self.error(node, path, reason));
         }
 
+        // As the reference service names its stats: domain.key or domain.key_value, joined.
+        let metric_name = match &value {
+            Some(value) => format!("{parent_metric}.{key}_{value}"),
+            None => format!("{parent_metric}.{key}"),
+        };
         let mut place = parent_place.to_vec();
         key::push_part(&mut place, key.as_bytes());
         match &value {
@@ -313,7 +318,8 @@ impl Reader<'_> {
 
         let mut children = Level::default();
         if let Some(list) = field(map, "descriptors") {
-            self.descriptors(list, &format!("{path}.descriptors"), &place, &mut children)?;
+            let parent = (place.as_slice(), metric_name.as_str());
+            self.descriptors(list, &format!("{path}.descriptors"), parent, &mut children)?;
         }
 
         Ok(Rule {
@@ -328,6 +334,7 @@ impl Reader<'_> {
             metadata,
             children,
             yaml_path: path.to_owned(),
+            metric_name,
             place,
         })
     }

@@ -190,6 +190,10 @@ pub struct Rule {
     pub children: Level,
     /// Where the rule is written: its YAML path, e.g. `descriptors[0].descriptors[2]`.
     pub yaml_path: String,
+    /// The rule's name in metrics: the domain, then `key` or `key_value` of each rule from
+    /// the top down, joined with `.` (e.g. `web.remote_address.path_/login`). One per rule,
+    /// so metrics stay as few as the rules.
+    pub metric_name: String,
     /// The rule's place in the tree as unambiguous bytes (keys and values from the root down),
     /// used to name its buckets.
     pub place: Vec<u8>,
