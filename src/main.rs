@@ -13,7 +13,7 @@ use sluice::clock::MonotonicClock;
 use sluice::key::HashTag;
 use sluice::rules;
 use sluice::server::{Addresses, Server};
-use sluice::service::{Bounds, Limiter};
+use sluice::service::{Bounds, HeaderStyle, Limiter};
 use sluice::store::{
     FailureMode, Guarded, MemoryStore, RedisSettings, RedisStore, Store, Topology,
 };
@@ -144,6 +144,11 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
+    /// `RateLimit` headers of the most constrained limit on every answer: `off`, `draft03`
+    /// (RateLimit-Limit/Remaining/Reset) or `ietf` (RateLimit-Policy and RateLimit).
+    #[arg(long, env = "SLUICE_RESPONSE_HEADERS", default_value = "off", value_parser = parse_header_style)]
+    response_headers: HeaderStyle,
+
     /// A hit counts as near the limit when at least this share of its bucket is used.
     #[arg(long, env = "SLUICE_NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     near_limit_ratio: f64,
@@ -214,6 +219,17 @@ fn redis_settings(args: &ServeArgs) -> anyhow::Result<Option<RedisSettings>> {
         timeout: args.redis_timeout,
         connections: args.redis_connections,
     }))
+}
+
+fn parse_header_style(text: &str) -> Result<HeaderStyle, String> {
+    match text {
+        "off" => Ok(HeaderStyle::Off),
+        "draft03" => Ok(HeaderStyle::Draft03),
+        "ietf" => Ok(HeaderStyle::Ietf),
+        _ => Err(format!(
+            "`{text}` is not a header style; use off, draft03 or ietf"
+        )),
+    }
 }
 
 fn parse_failure_mode(text: &str) -> Result<FailureMode, String> {
@@ -316,7 +332,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let limiter = Arc::new(
             Limiter::new(rules, store, bounds)
                 .with_hash_tag(args.redis_hash_tag)
-                .with_near_limit_ratio(args.near_limit_ratio),
+                .with_near_limit_ratio(args.near_limit_ratio)
+                .with_response_headers(args.response_headers),
         );
         let addresses = Addresses {
             grpc: args.grpc_addr,

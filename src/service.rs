@@ -63,6 +63,7 @@ pub struct Limiter {
     bounds: Bounds,
     hash_tag: HashTag,
     near_limit_ratio: f64,
+    headers: HeaderStyle,
     /// Why the last reload of the rules failed, while the rules before it serve.
     rules_error: arc_swap::ArcSwapOption<String>,
 }
@@ -76,6 +77,7 @@ impl Limiter {
             bounds,
             hash_tag: HashTag::None,
             near_limit_ratio: 0.8,
+            headers: HeaderStyle::Off,
             rules_error: arc_swap::ArcSwapOption::empty(),
         }
     }
@@ -151,7 +153,13 @@ impl Limiter {
         telemetry::store_call(self.store.name(), started.elapsed(), decision.is_ok());
         let decision = decision?;
         plan.record(&domain.name, &decision.results, self.near_limit_ratio);
-        Ok(plan.answer(decision.passed, &decision.results))
+        Ok(plan.answer(decision.passed, &decision.results, self.headers))
+    }
+
+    /// Adds the `RateLimit` headers of the most constrained limit to every answer, in `style`.
+    pub fn with_response_headers(mut self, style: HeaderStyle) -> Limiter {
+        self.headers = style;
+        self
     }
 
     /// Counts a hit as near the limit when at least this share of the bucket is used.
@@ -477,8 +485,13 @@ impl Plan {
         }
     }
 
-    fn answer(&self, passed: bool, results: &[ChargeResult]) -> RateLimitResponse {
-        let statuses = self
+    fn answer(
+        &self,
+        passed: bool,
+        results: &[ChargeResult],
+        style: HeaderStyle,
+    ) -> RateLimitResponse {
+        let statuses: Vec<DescriptorStatus> = self
             .descriptors
             .iter()
             .map(|planned| match planned {
@@ -506,6 +519,9 @@ impl Plan {
                 value: seconds.to_string(),
                 raw_value: Vec::new(),
             });
+        }
+        if style != HeaderStyle::Off {
+            headers.extend(rate_limit_headers(&statuses, style));
         }
         response(
             if passed { Code::Ok } else { Code::OverLimit },
@@ -563,6 +579,72 @@ fn limited_status(
         limit_remaining: u32::try_from(remaining(result)).unwrap_or(u32::MAX),
         duration_until_reset: Some(duration(until_full_us)),
         quota: None,
+    }
+}
+
+/// Which `RateLimit` response headers to add, besides `retry-after` (always on OVER_LIMIT).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeaderStyle {
+    /// None.
+    #[default]
+    Off,
+    /// `RateLimit-Limit: 10, 10;w=60`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds), as
+    /// in draft-polli-ratelimit-headers-03, which Envoy's own filters follow.
+    Draft03,
+    /// `RateLimit-Policy: "name";q=10;w=60` and `RateLimit: "name";r=4;t=5`, as in the IETF
+    /// HTTPAPI working group's later drafts.
+    Ietf,
+}
+
+/// The headers of the most constrained limit: the status with a limit and the fewest tokens
+/// left (on a tie, the longest wait until full).
+fn rate_limit_headers(statuses: &[DescriptorStatus], style: HeaderStyle) -> Vec<HeaderValue> {
+    let constrained = statuses
+        .iter()
+        .filter_map(|s| Some((s, s.current_limit.as_ref()?, s.duration_until_reset?)))
+        .min_by_key(|(s, _, reset)| (s.limit_remaining, std::cmp::Reverse(reset.seconds)));
+    let Some((status, limit, reset)) = constrained else {
+        return Vec::new();
+    };
+    let window = ResponseUnit::try_from(limit.unit).map_or(0, |unit| match unit {
+        ResponseUnit::Second => 1,
+        ResponseUnit::Minute => 60,
+        ResponseUnit::Hour => 3_600,
+        ResponseUnit::Day => 86_400,
+        ResponseUnit::Week => 7 * 86_400,
+        ResponseUnit::Month => 30 * 86_400,
+        ResponseUnit::Year => 365 * 86_400,
+        ResponseUnit::Unknown => 0,
+    });
+    // Whole seconds, rounded up: a client that waits this long finds the bucket full.
+    let reset = u64::try_from(reset.seconds).unwrap_or(0) + u64::from(reset.nanos > 0);
+    let (quota, remaining) = (limit.requests_per_unit, status.limit_remaining);
+    let header = |key: &str, value: String| HeaderValue {
+        key: key.into(),
+        value,
+        raw_value: Vec::new(),
+    };
+    match style {
+        HeaderStyle::Off => Vec::new(),
+        HeaderStyle::Draft03 => vec![
+            header("RateLimit-Limit", format!("{quota}, {quota};w={window}")),
+            header("RateLimit-Remaining", remaining.to_string()),
+            header("RateLimit-Reset", reset.to_string()),
+        ],
+        HeaderStyle::Ietf => {
+            let name = if limit.name.is_empty() {
+                "default"
+            } else {
+                limit.name.as_str()
+            };
+            vec![
+                header(
+                    "RateLimit-Policy",
+                    format!("\"{name}\";q={quota};w={window}"),
+                ),
+                header("RateLimit", format!("\"{name}\";r={remaining};t={reset}")),
+            ]
+        }
     }
 }
 

@@ -117,3 +117,66 @@ async fn a_store_failure_in_deny_mode_is_503() {
     );
     server.shutdown(Duration::from_secs(1)).await;
 }
+
+async fn serve_with_headers(style: sluice::service::HeaderStyle) -> sluice::server::Server {
+    use sluice::store::{MemoryStore, Store};
+    let rules = "domain: d\ndescriptors:\n  - key: k\n    rate_limits:\n      - {unit: minute, requests_per_unit: 3, name: per_minute}\n      - {unit: hour, requests_per_unit: 100}\n";
+    let domain = sluice::rules::load_str(std::path::Path::new("d.yaml"), rules).expect("valid");
+    let set = sluice::rules::RuleSet::from_domains(vec![domain]).expect("one domain");
+    let clock = sluice::clock::ManualClock::starting_at(1_000_000_000);
+    let store = Store::Memory(MemoryStore::new(4, clock));
+    let limiter =
+        sluice::service::Limiter::new(set, store, Default::default()).with_response_headers(style);
+    let loopback = "127.0.0.1:0".parse().expect("an address");
+    let addresses = sluice::server::Addresses {
+        grpc: loopback,
+        http: loopback,
+    };
+    sluice::server::Server::start(Arc::new(limiter), addresses)
+        .await
+        .expect("it starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_headers_of_the_most_constrained_limit() {
+    use sluice::service::HeaderStyle;
+    let ask = r#"{"domain": "d", "descriptors": [{"entries": [{"key": "k", "value": "v"}]}]}"#;
+
+    let server = serve_with_headers(HeaderStyle::Draft03).await;
+    let (_, body) = post(server.http_addr(), ask).await;
+    // 3 per minute leaves 2 and is full again in 20 s; 100 per hour leaves 99.
+    assert_eq!(
+        body["responseHeadersToAdd"],
+        json!([
+            {"key": "RateLimit-Limit", "value": "3, 3;w=60"},
+            {"key": "RateLimit-Remaining", "value": "2"},
+            {"key": "RateLimit-Reset", "value": "20"}
+        ])
+    );
+    server.shutdown(Duration::from_secs(1)).await;
+
+    let server = serve_with_headers(HeaderStyle::Ietf).await;
+    post(server.http_addr(), ask).await;
+    let (status, body) = post(server.http_addr(), ask).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["responseHeadersToAdd"],
+        json!([
+            {"key": "RateLimit-Policy", "value": "\"per_minute\";q=3;w=60"},
+            {"key": "RateLimit", "value": "\"per_minute\";r=1;t=40"}
+        ])
+    );
+    post(server.http_addr(), ask).await;
+    let (status, body) = post(server.http_addr(), ask).await;
+    assert_eq!(status, 429);
+    let headers = body["responseHeadersToAdd"]
+        .as_array()
+        .expect("headers")
+        .clone();
+    assert_eq!(headers[0], json!({"key": "retry-after", "value": "20"}));
+    assert_eq!(
+        headers[2],
+        json!({"key": "RateLimit", "value": "\"per_minute\";r=0;t=60"})
+    );
+    server.shutdown(Duration::from_secs(1)).await;
+}
