@@ -153,6 +153,10 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     near_limit_ratio: f64,
 
+    /// Log lines as `text` or `json` (one JSON object per line, with the span's fields).
+    #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+
     /// Threads that serve requests; default: one per core.
     #[arg(long, env = "SLUICE_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -167,7 +171,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { paths } => check_config(&paths),
         Command::Serve(args) => {
-            init_logging();
+            init_logging(&args.log_format);
             match serve(*args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
@@ -266,14 +270,17 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(number * unit))
 }
 
-fn init_logging() {
+fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 fn check_config(paths: &[PathBuf]) -> ExitCode {

@@ -119,11 +119,19 @@ impl Limiter {
     }
 
     /// Decides whether the request may pass, and takes its tokens if it does.
+    #[tracing::instrument(name = "decide", skip_all, fields(
+        domain = %request.domain,
+        descriptors = request.descriptors.len(),
+        store = self.store.name(),
+        outcome = tracing::field::Empty,
+        micros = tracing::field::Empty,
+    ))]
     pub async fn decide(
         &self,
         request: &RateLimitRequest,
     ) -> Result<RateLimitResponse, DecideError> {
         let started = std::time::Instant::now();
+        tracing::debug!(?request, "deciding");
         let decided = self.decide_timed(request).await;
         let outcome = match &decided {
             Ok(response) if response.overall_code == Code::OverLimit as i32 => "over_limit",
@@ -131,7 +139,12 @@ impl Limiter {
             Err(DecideError::Invalid(_)) => "invalid",
             Err(DecideError::Store(_)) => "store_error",
         };
-        telemetry::decision(outcome, started.elapsed());
+        let took = started.elapsed();
+        let span = tracing::Span::current();
+        span.record("outcome", outcome);
+        span.record("micros", took.as_micros() as u64);
+        telemetry::decision(outcome, took);
+        tracing::debug!(response = ?decided, "decided");
         decided
     }
 

@@ -635,3 +635,56 @@ fn metrics_and_rlconfig_after_a_known_sequence() {
         config.body
     );
 }
+
+#[test]
+fn json_logs_carry_one_span_per_decision() {
+    let (_dir, file) = write_rules(RULES);
+    let mut child = Command::new(SLUICE)
+        .args(["serve", "--rules"])
+        .arg(&file)
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .env("SLUICE_LOG", "sluice=debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sluice starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let listening: serde_json::Value = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .find(|log| log["fields"]["message"] == "listening")
+        .expect("a listening line");
+    let grpc = listening["fields"]["grpc"]
+        .as_str()
+        .expect("the gRPC address")
+        .to_owned();
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let mut client = RateLimitServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("a connection");
+        let ask = request("web", vec![descriptor(&[("remote_address", "2.2.2.2")])]);
+        client.should_rate_limit(ask).await.expect("a decision");
+    });
+    let decided: serde_json::Value = lines
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .find(|log| log["fields"]["message"] == "decided")
+        .expect("a decided line");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(decided["level"], "DEBUG");
+    assert_eq!(decided["span"]["name"], "decide");
+    assert_eq!(decided["span"]["domain"], "web");
+    assert_eq!(decided["span"]["descriptors"], 1);
+    assert_eq!(decided["span"]["store"], "memory");
+    assert_eq!(decided["span"]["outcome"], "ok");
+}
