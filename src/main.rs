@@ -140,6 +140,11 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_RULES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     rules_poll_interval: Duration,
 
+    /// On SIGTERM or SIGINT, how long to keep answering with health failing before closing
+    /// the listeners, so that balancers stop sending first, e.g. `5s`.
+    #[arg(long, env = "SLUICE_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    shutdown_delay: Duration,
+
     /// On SIGTERM or SIGINT, how long calls in flight may take to finish, e.g. `10s`, `500ms`.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
@@ -368,6 +373,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         wait_for_shutdown(&limiter, &args.rules).await?;
         let _ = stop_watching.send(true);
         tracing::info!("shutting down");
+        server.drain();
+        tokio::time::sleep(args.shutdown_delay).await;
         server.shutdown(args.shutdown_grace).await;
         Ok(())
     })

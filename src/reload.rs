@@ -51,10 +51,11 @@ pub fn reload(limiter: &Limiter, paths: &[PathBuf]) -> Result<(), rules::RuleErr
     match rules::load_paths(paths) {
         Ok(set) => {
             let domains = set.domains().len();
+            let hash = set.hash().to_owned();
             limiter.replace_rules(set);
             limiter.set_rules_error(None);
             metrics::counter!(crate::telemetry::RULES_RELOADS, "result" => "ok").increment(1);
-            tracing::info!(domains, "rules reloaded");
+            tracing::info!(domains, %hash, "rules reloaded");
             Ok(())
         }
         Err(error) => {

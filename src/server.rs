@@ -52,6 +52,8 @@ pub struct Server {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    /// Set when shutdown begins: health answers 500 and NOT_SERVING from then on.
+    draining: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -75,6 +77,7 @@ impl Server {
         let http_addr = local(&http, "HTTP", addresses.http)?;
 
         let (stop, stopped) = watch::channel(false);
+        let (draining, drained) = watch::channel(false);
         let mut tasks = Vec::new();
 
         let service = RateLimitServiceServer::new(GrpcService {
@@ -90,7 +93,7 @@ impl Server {
             .build_v1()
             .map_err(|error| StartError::Reflection(error.to_string()))?;
         // Health says NOT_SERVING as soon as shutdown begins, for the balancers to move away.
-        let mut going_down = stopped.clone();
+        let mut going_down = drained.clone();
         tokio::spawn(async move {
             let _ = going_down.wait_for(|stop| *stop).await;
             health_reporter
@@ -112,9 +115,13 @@ impl Server {
         }));
 
         let health = limiter.clone();
+        let health_stopped = drained.clone();
         let config = limiter.clone();
         let admin = Router::new()
-            .route("/healthcheck", get(move || healthcheck(health.clone())))
+            .route(
+                "/healthcheck",
+                get(move || healthcheck(health.clone(), health_stopped.clone())),
+            )
             .route("/metrics", get(render_metrics))
             .route("/rlconfig", get(move || rlconfig(config.clone())))
             .route(
@@ -139,8 +146,15 @@ impl Server {
             grpc_addr,
             http_addr,
             stop,
+            draining,
             tasks,
         })
+    }
+
+    /// Begins shutdown without closing anything: `/healthcheck` answers 500 and gRPC health
+    /// NOT_SERVING, so that balancers move away while calls are still answered.
+    pub fn drain(&self) {
+        let _ = self.draining.send(true);
     }
 
     /// The address the gRPC listener is bound to.
@@ -157,6 +171,7 @@ impl Server {
     /// or once `grace` has passed: connections still open then (a client that does not answer
     /// the HTTP/2 goodbye, say) are dropped.
     pub async fn shutdown(self, grace: Duration) {
+        self.drain();
         // Receivers live in the tasks; if they are all gone there is nothing left to stop.
         let _ = self.stop.send(true);
         let aborts: Vec<_> = self.tasks.iter().map(JoinHandle::abort_handle).collect();
@@ -240,19 +255,30 @@ async fn render_metrics() -> String {
         .unwrap_or_default()
 }
 
-/// `OK` while serving; then a line for the Redis breaker, if any, and one for a failed reload
-/// of the rules, if the last one failed.
-async fn healthcheck(limiter: Arc<Limiter>) -> String {
-    let mut body = "OK".to_owned();
-    if let Some(state) = limiter.store().breaker() {
-        body.push_str(&format!("\nredis breaker: {}", state.name()));
-    }
-    if let Some(error) = limiter.rules_error() {
-        body.push_str(&format!(
-            "\nrules reload failed, previous rules serving: {error}"
-        ));
-    }
-    body
+/// 200 while serving, 500 once shutdown has begun; the JSON body says where decisions are made
+/// and which rules are in force.
+async fn healthcheck(
+    limiter: Arc<Limiter>,
+    stopped: watch::Receiver<bool>,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let stopping = *stopped.borrow();
+    let rules = limiter.rules();
+    let body = serde_json::json!({
+        "status": if stopping { "shutting_down" } else { "serving" },
+        "store": limiter.store().name(),
+        "redis_breaker": limiter.store().breaker().map(|state| state.name()),
+        "rules": {
+            "domains": rules.domains().len(),
+            "hash": rules.hash(),
+            "last_reload_error": limiter.rules_error().as_deref(),
+        },
+    });
+    let status = if stopping {
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        axum::http::StatusCode::OK
+    };
+    (status, axum::Json(body))
 }
 
 struct GrpcService {

@@ -180,3 +180,23 @@ async fn rate_limit_headers_of_the_most_constrained_limit() {
     );
     server.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_flips_to_500_when_shutdown_begins() {
+    let mut h = Harness::start(Backend::Memory, RULES).await;
+    let addr = h.server().http_addr();
+    let health = http::get(addr, "/healthcheck").await.expect("an answer");
+    assert_eq!(health.status, 200);
+    let body: Value = serde_json::from_str(&health.body).expect("JSON");
+    assert_eq!(body["status"], "serving");
+
+    h.server().drain();
+    let health = http::get(addr, "/healthcheck").await.expect("an answer");
+    assert_eq!(health.status, 500);
+    let body: Value = serde_json::from_str(&health.body).expect("JSON");
+    assert_eq!(body["status"], "shutting_down");
+    // Decisions are still answered while draining.
+    let ask = r#"{"domain": "d", "descriptors": [{"entries": [{"key": "k", "value": "v"}]}]}"#;
+    assert_eq!(post(addr, ask).await.0, 200);
+    h.stop().await;
+}

@@ -29,6 +29,7 @@ use crate::bucket::{MICROS_PER_SECOND, Shape};
 pub struct RuleSet {
     domains: HashMap<String, Domain>,
     files: Vec<PathBuf>,
+    hash: String,
 }
 
 impl RuleSet {
@@ -47,6 +48,11 @@ impl RuleSet {
     /// The files the rules were read from.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
+    }
+
+    /// A hash of the files' names and contents (16 hex digits), to tell rule sets apart.
+    pub fn hash(&self) -> &str {
+        &self.hash
     }
 }
 
