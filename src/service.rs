@@ -381,8 +381,8 @@ fn plan(
             });
             rates.push((rate, limit.name.clone()));
         }
-        let metric = match rule {
-            Some(rule) => rule.metric_name.clone(),
+        let metric = match found.as_ref() {
+            Some(found) => metric_name(&domain.name, descriptor, found),
             None => format!("{}.override", domain.name),
         };
         descriptors.push(Planned::Limited {
@@ -430,6 +430,35 @@ fn match_descriptor<'r>(
             (Some(found), applied)
         }
     }
+}
+
+/// The rule's name in metrics for this descriptor. Values of the request appear only where a
+/// rule asks: `detailed_metric` on the matched rule names every entry's value, and
+/// `value_to_metric` on a rule names the value of its own level; otherwise the name is the
+/// rule's own, so metrics stay as few as the rules.
+fn metric_name(domain: &str, descriptor: &RateLimitDescriptor, found: &Found<'_>) -> String {
+    let rule = found.rule();
+    let asks = rule.detailed_metric || found.path.iter().any(|rule| rule.value_to_metric);
+    if !asks {
+        return rule.metric_name.clone();
+    }
+    let mut name = domain.to_owned();
+    for (entry, level) in descriptor.entries.iter().zip(&found.path) {
+        let shown = if level.share_threshold {
+            level.value.as_deref()
+        } else if rule.detailed_metric || level.value_to_metric {
+            Some(entry.value.as_str())
+        } else {
+            level.value.as_deref()
+        };
+        name.push('.');
+        name.push_str(&entry.key);
+        if let Some(value) = shown {
+            name.push('_');
+            name.push_str(value);
+        }
+    }
+    name
 }
 
 fn bucket_key(

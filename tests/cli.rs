@@ -699,3 +699,46 @@ fn json_logs_carry_one_span_per_decision() {
     assert_eq!(decided["span"]["store"], "memory");
     assert_eq!(decided["span"]["outcome"], "ok");
 }
+
+#[test]
+fn descriptor_values_are_metric_labels_only_where_a_rule_asks() {
+    let rules = "domain: m\ndescriptors:\n  - key: route\n    value_to_metric: true\n    rate_limit: {unit: minute, requests_per_unit: 100}\n  - key: tenant\n    descriptors:\n      - key: path\n        detailed_metric: true\n        rate_limit: {unit: minute, requests_per_unit: 100}\n  - key: plain\n    rate_limit: {unit: minute, requests_per_unit: 100}\n";
+    let (_dir, file) = write_rules(rules);
+    let args = loopback_args(&file);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serving = serve(&args, &[]).expect("sluice serves");
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let url = format!("http://{}", serving.grpc);
+        let mut client = RateLimitServiceClient::connect(url)
+            .await
+            .expect("a connection");
+        let asks: [&[(&str, &str)]; 4] = [
+            &[("route", "/a")],
+            &[("tenant", "t1"), ("path", "/x")],
+            &[("plain", "p1")],
+            &[("plain", "p2")],
+        ];
+        for entries in asks {
+            let ask = request("m", vec![descriptor(entries)]);
+            client.should_rate_limit(ask).await.expect("a decision");
+        }
+    });
+    let metrics = runtime
+        .block_on(common::http::get(serving.http, "/metrics"))
+        .expect("metrics");
+    let hits: Vec<&str> = metrics
+        .body
+        .lines()
+        .filter(|line| line.starts_with("sluice_rule_total_hits{"))
+        .collect();
+    let expected = [
+        r#"sluice_rule_total_hits{domain="m",rule="m.plain"} 2"#,
+        r#"sluice_rule_total_hits{domain="m",rule="m.route_/a"} 1"#,
+        r#"sluice_rule_total_hits{domain="m",rule="m.tenant_t1.path_/x"} 1"#,
+    ];
+    for line in expected {
+        assert!(hits.contains(&line), "{line} not in {hits:?}");
+    }
+    assert_eq!(hits.len(), 3, "{hits:?}");
+}
