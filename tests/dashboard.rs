@@ -33,7 +33,10 @@ fn the_dashboard_queries_only_exported_metrics() {
                 .collect();
             assert!(!queried.is_empty(), "{expr}");
             for name in queried {
-                assert!(exported.contains(&name), "{name} in `{expr}` is not exported");
+                assert!(
+                    exported.contains(&name),
+                    "{name} in `{expr}` is not exported"
+                );
             }
         }
     }
