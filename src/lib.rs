@@ -20,6 +20,8 @@
 //! no knowledge of gRPC. [`proto`] is the wire contract generated from `proto/`; [`reload`]
 //! watches the rule files; [`telemetry`] names the metrics.
 
+#![warn(missing_docs)]
+
 pub mod bucket;
 pub mod clock;
 pub mod json;

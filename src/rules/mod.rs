@@ -276,10 +276,15 @@ impl fmt::Display for Rate {
 /// The time unit of a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Unit {
+    /// One second.
     Second,
+    /// 60 seconds.
     Minute,
+    /// 3 600 seconds.
     Hour,
+    /// 86 400 seconds.
     Day,
+    /// 7 days.
     Week,
     /// 30 days, as in Envoy's reference service.
     Month,
