@@ -158,6 +158,11 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     near_limit_ratio: f64,
 
+    /// Export decision spans to this OTLP collector (gRPC), e.g. `http://127.0.0.1:4317`;
+    /// needs a build with the `otlp` feature.
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
     /// Log lines as `text` or `json` (one JSON object per line, with the span's fields).
     #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -175,17 +180,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { paths } => check_config(&paths),
-        Command::Serve(args) => {
-            init_logging(&args.log_format);
-            match serve(*args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!("{error:#}");
-                    eprintln!("sluice: {error:#}");
-                    ExitCode::FAILURE
-                }
+        Command::Serve(args) => match serve(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!("{error:#}");
+                eprintln!("sluice: {error:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
     }
 }
 
@@ -275,16 +277,67 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(number * unit))
 }
 
-fn init_logging(format: &str) {
+/// Sets up logging to stderr, as text or JSON, and, when asked and built in, export of the
+/// decision spans to an OTLP collector. Runs inside the runtime: the exporter needs it.
+fn init_logging(format: &str, otlp: Option<&str>) -> anyhow::Result<Telemetry> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        logs.json().init();
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if format == "json" {
+        logs.json().boxed()
     } else {
-        logs.with_ansi(std::io::stderr().is_terminal()).init();
+        logs.with_ansi(std::io::stderr().is_terminal()).boxed()
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(logs);
+    match otlp {
+        None => {
+            registry.init();
+            Ok(Telemetry::default())
+        }
+        #[cfg(feature = "otlp")]
+        Some(endpoint) => {
+            use opentelemetry::trace::TracerProvider as _;
+            use opentelemetry_otlp::WithExportConfig as _;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .context("cannot set up the OTLP exporter")?;
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name("sluice")
+                .build();
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build();
+            let tracer = provider.tracer("sluice");
+            registry
+                .with(tracing_opentelemetry::layer().with_tracer(tracer))
+                .init();
+            Ok(Telemetry {
+                provider: Some(provider),
+            })
+        }
+        #[cfg(not(feature = "otlp"))]
+        Some(_) => anyhow::bail!("--otlp-endpoint: this build has no OTLP export (feature otlp)"),
+    }
+}
+
+/// What must be flushed before exit.
+#[derive(Default)]
+struct Telemetry {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends the spans still buffered.
+    fn flush(self) {
+        #[cfg(feature = "otlp")]
+        if let Some(provider) = self.provider {
+            let _ = provider.shutdown();
+        }
     }
 }
 
@@ -320,7 +373,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let telemetry = {
+        let _inside = runtime.enter();
+        init_logging(&args.log_format, args.otlp_endpoint.as_deref())?
+    };
+    let served = runtime.block_on(async move {
         let store = match redis {
             None => {
                 let clock = Arc::new(MonotonicClock::new());
@@ -377,7 +434,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::time::sleep(args.shutdown_delay).await;
         server.shutdown(args.shutdown_grace).await;
         Ok(())
-    })
+    });
+    {
+        let _inside = runtime.enter();
+        telemetry.flush();
+    }
+    served
 }
 
 /// Waits for SIGTERM or SIGINT, reloading the rules on every SIGHUP meanwhile.
