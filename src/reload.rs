@@ -52,7 +52,9 @@ pub fn reload(limiter: &Limiter, paths: &[PathBuf]) -> Result<(), rules::RuleErr
         Ok(set) => {
             let domains = set.domains().len();
             let hash = set.hash().to_owned();
+            let previous = limiter.rules().hash().to_owned();
             limiter.replace_rules(set);
+            crate::telemetry::rules_in_force(&hash, Some(&previous));
             limiter.set_rules_error(None);
             metrics::counter!(crate::telemetry::RULES_RELOADS, "result" => "ok").increment(1);
             tracing::info!(domains, %hash, "rules reloaded");

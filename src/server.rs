@@ -66,6 +66,7 @@ impl Server {
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
         crate::telemetry::prometheus();
+        crate::telemetry::rules_in_force(limiter.rules().hash(), None);
         let grpc = bind("gRPC", addresses.grpc).await?;
         let http = bind("HTTP", addresses.http).await?;
         let local = |listener: &TcpListener, what, addr| {

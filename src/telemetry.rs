@@ -18,6 +18,16 @@ pub const FALLBACK_DECISIONS: &str = "sluice_fallback_decisions_total";
 pub const OVER_LIMIT_CACHE_HITS: &str = "sluice_over_limit_cache_hits_total";
 /// Reloads of the rules, by `result` (`ok` or `error`).
 pub const RULES_RELOADS: &str = "sluice_rules_reloads_total";
+/// 1 for the hash of the rules in force, 0 for hashes that were in force before.
+pub const RULES_LOADED: &str = "sluice_rules_loaded";
+
+/// Records that the rules with `hash` are in force, instead of those with `previous`.
+pub fn rules_in_force(hash: &str, previous: Option<&str>) {
+    if let Some(previous) = previous.filter(|previous| *previous != hash) {
+        metrics::gauge!(RULES_LOADED, "hash" => previous.to_owned()).set(0.0);
+    }
+    metrics::gauge!(RULES_LOADED, "hash" => hash.to_owned()).set(1.0);
+}
 
 /// Hits on a rule, by domain and rule (`total_hits`, and one of the four below).
 pub const RULE_TOTAL_HITS: &str = "sluice_rule_total_hits";
@@ -118,6 +128,7 @@ fn describe() {
         "Requests denied by the over-limit cache"
     );
     describe_counter!(RULES_RELOADS, "Reloads of the rules, by result");
+    describe_gauge!(RULES_LOADED, "1 for the hash of the rules in force");
     describe_counter!(RULE_TOTAL_HITS, "Hits on a rule, by domain and rule");
     describe_counter!(RULE_OVER_LIMIT, "Hits denied by a rule");
     describe_counter!(

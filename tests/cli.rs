@@ -436,6 +436,24 @@ fn sighup_reloads_the_rules() {
         .any(|line| line.contains("rules reloaded"));
     assert!(reloaded, "no reload was logged");
     assert_eq!(limit_in_force(&serving), 30);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let metrics = runtime
+        .block_on(common::http::get(serving.http, "/metrics"))
+        .expect("metrics");
+    let loaded: Vec<&str> = metrics
+        .body
+        .lines()
+        .filter(|line| line.starts_with("sluice_rules_loaded{"))
+        .collect();
+    // The hash before the reload at 0, the one after at 1.
+    assert_eq!(loaded.len(), 2, "{loaded:?}");
+    assert_eq!(
+        loaded.iter().filter(|line| line.ends_with(" 1")).count(),
+        1,
+        "{loaded:?}"
+    );
+    let reloads = r#"sluice_rules_reloads_total{result="ok"} 1"#;
+    assert!(metrics.body.contains(reloads), "{}", metrics.body);
 }
 
 /// Whether a failed call was cut off by the connection closing (the transport, HTTP/2), as
