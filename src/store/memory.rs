@@ -93,7 +93,8 @@ impl MemoryStore {
 
         // Bring each bucket up to date once, even when several charges share it, then let the
         // charges take from the working copy in order, as if they came one after another.
-        let mut working: HashMap<&[u8], Working> = HashMap::with_capacity(charges.len());
+        // Decisions touch few buckets: a short list searched in turn beats hashing.
+        let mut working: Vec<(&[u8], Working)> = Vec::with_capacity(charges.len());
         let mut held = Vec::with_capacity(charges.len());
         // Per charge: the bucket as probed, and its level after this charge's tokens.
         let mut seen: Vec<Option<(Probe, u64)>> = Vec::with_capacity(charges.len());
@@ -103,15 +104,21 @@ impl MemoryStore {
                 seen.push(None);
                 continue;
             };
-            let work = working.entry(&charge.key).or_insert_with(|| {
+            let found = working
+                .iter()
+                .position(|(key, _)| *key == charge.key.as_slice());
+            let slot = found.unwrap_or_else(|| {
                 let shard = &guards[guard_of(shard_of[i], &guards)].1;
                 let state = shard.get(charge.key.as_slice()).map(|entry| &entry.state);
                 let probe = shape.probe(state, now_us);
-                Working {
+                let work = Working {
                     probe,
                     level: probe.level,
-                }
+                };
+                working.push((charge.key.as_slice(), work));
+                working.len() - 1
             });
+            let work = &mut working[slot].1;
             let probe = Probe {
                 level: work.level,
                 ..work.probe
@@ -127,11 +134,14 @@ impl MemoryStore {
         let passed = verdict(charges, &held);
         if passed {
             for (i, charge) in charges.iter().enumerate() {
-                let (Some(shape), Some(work)) =
-                    (charge.shape, working.remove(charge.key.as_slice()))
-                else {
+                // The first charge of each bucket writes its final level, once.
+                let first = working
+                    .iter()
+                    .position(|(key, _)| *key == charge.key.as_slice());
+                let (Some(shape), Some(first)) = (charge.shape, first) else {
                     continue;
                 };
+                let (_, work) = working.swap_remove(first);
                 if work.level == work.probe.level {
                     continue;
                 }
@@ -151,7 +161,13 @@ impl MemoryStore {
                         state,
                         full_at_us: shape.full_at_us(&state),
                     };
-                    shard.insert(charge.key.clone().into_boxed_slice(), entry);
+                    // A bucket already kept is overwritten in place: no new copy of its key.
+                    match shard.get_mut(charge.key.as_slice()) {
+                        Some(kept) => *kept = entry,
+                        None => {
+                            shard.insert(charge.key.clone().into_boxed_slice(), entry);
+                        }
+                    }
                 }
             }
         }
