@@ -3,11 +3,12 @@
 //! Only labels of bounded cardinality are used here (a result, a state); nothing names a
 //! descriptor value.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use std::time::Duration;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics::{Counter, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Where decisions are made: 0 Redis, 1 the fallback, 2 the fallback with a probe out.
@@ -57,19 +58,64 @@ pub enum Outcome {
     Shadow,
 }
 
+/// The counters of one rule, registered once.
+struct RuleCounters {
+    total: Counter,
+    within: Counter,
+    near: Counter,
+    over: Counter,
+    shadow: Counter,
+    above_capacity: Counter,
+}
+
+impl RuleCounters {
+    fn register(domain: &str, rule: &str) -> RuleCounters {
+        let labels = [("domain", domain.to_owned()), ("rule", rule.to_owned())];
+        RuleCounters {
+            total: metrics::counter!(RULE_TOTAL_HITS, &labels),
+            within: metrics::counter!(RULE_WITHIN_LIMIT, &labels),
+            near: metrics::counter!(RULE_NEAR_LIMIT, &labels),
+            over: metrics::counter!(RULE_OVER_LIMIT, &labels),
+            shadow: metrics::counter!(RULE_SHADOW_MODE, &labels),
+            above_capacity: metrics::counter!(RULE_HITS_ABOVE_CAPACITY, &labels),
+        }
+    }
+}
+
+/// Counters by rule name, so that a decision neither builds labels nor searches the
+/// recorder. A rule's name starts with its domain, so the name alone is the key. Only filled
+/// once the Prometheus recorder is installed: handles taken before it would count nothing.
+static RULE_COUNTERS: OnceLock<RwLock<HashMap<String, Arc<RuleCounters>>>> = OnceLock::new();
+
+fn rule_counters(domain: &str, rule: &str) -> Arc<RuleCounters> {
+    if !matches!(PROMETHEUS.get(), Some(Some(_))) {
+        return Arc::new(RuleCounters::register(domain, rule));
+    }
+    let cache = RULE_COUNTERS.get_or_init(RwLock::default);
+    // Counters are handles: a poisoned lock still holds valid ones.
+    if let Some(counters) = cache.read().unwrap_or_else(|p| p.into_inner()).get(rule) {
+        return counters.clone();
+    }
+    let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
+    let counters = cache
+        .entry(rule.to_owned())
+        .or_insert_with(|| Arc::new(RuleCounters::register(domain, rule)));
+    counters.clone()
+}
+
 /// Counts `hits` on `rule` of `domain`.
 pub fn rule_hits(domain: &str, rule: &str, hits: u64, outcome: Outcome, above_capacity: bool) {
-    let labels = [("domain", domain.to_owned()), ("rule", rule.to_owned())];
-    metrics::counter!(RULE_TOTAL_HITS, &labels).increment(hits);
-    let name = match outcome {
-        Outcome::WithinLimit => RULE_WITHIN_LIMIT,
-        Outcome::NearLimit => RULE_NEAR_LIMIT,
-        Outcome::OverLimit => RULE_OVER_LIMIT,
-        Outcome::Shadow => RULE_SHADOW_MODE,
+    let counters = rule_counters(domain, rule);
+    counters.total.increment(hits);
+    let counter = match outcome {
+        Outcome::WithinLimit => &counters.within,
+        Outcome::NearLimit => &counters.near,
+        Outcome::OverLimit => &counters.over,
+        Outcome::Shadow => &counters.shadow,
     };
-    metrics::counter!(name, &labels).increment(hits);
+    counter.increment(hits);
     if above_capacity {
-        metrics::counter!(RULE_HITS_ABOVE_CAPACITY, &labels).increment(1);
+        counters.above_capacity.increment(1);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Turning a request into charges on buckets, and the store's answer into a response.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use super::DecideError;
@@ -29,7 +30,7 @@ impl Applied<'_> {
 }
 
 /// What one descriptor turned into.
-enum Planned {
+enum Planned<'r> {
     /// No rule limits it (or its limits were replaced).
     NoLimit,
     /// Its rule says unlimited.
@@ -40,23 +41,23 @@ enum Planned {
         rates: Vec<(Rate, Option<String>)>,
         shadow: bool,
         /// The rule's name in metrics.
-        metric: String,
+        metric: Cow<'r, str>,
         /// Hits the descriptor asked for.
         hits: u64,
     },
 }
 
 /// The charges of one request, and how to turn the store's answer into statuses.
-pub(super) struct Plan {
+pub(super) struct Plan<'r> {
     pub(super) charges: Vec<Charge>,
-    descriptors: Vec<Planned>,
+    descriptors: Vec<Planned<'r>>,
 }
 
-pub(super) fn plan(
-    domain: &Domain,
+pub(super) fn plan<'r>(
+    domain: &'r Domain,
     request: &RateLimitRequest,
     hash_tag: HashTag,
-) -> Result<Plan, DecideError> {
+) -> Result<Plan<'r>, DecideError> {
     // Find each descriptor's limits first: `replaces` acts across the whole request.
     let mut matched = Vec::with_capacity(request.descriptors.len());
     for descriptor in &request.descriptors {
@@ -127,7 +128,7 @@ pub(super) fn plan(
         }
         let metric = match found.as_ref() {
             Some(found) => metric_name(&domain.name, descriptor, found),
-            None => format!("{}.override", domain.name),
+            None => Cow::Owned(format!("{}.override", domain.name)),
         };
         descriptors.push(Planned::Limited {
             first,
@@ -180,11 +181,15 @@ fn match_descriptor<'r>(
 /// rule asks: `detailed_metric` on the matched rule names every entry's value, and
 /// `value_to_metric` on a rule names the value of its own level; otherwise the name is the
 /// rule's own, so metrics stay as few as the rules.
-fn metric_name(domain: &str, descriptor: &RateLimitDescriptor, found: &Found<'_>) -> String {
+fn metric_name<'r>(
+    domain: &str,
+    descriptor: &RateLimitDescriptor,
+    found: &Found<'r>,
+) -> Cow<'r, str> {
     let rule = found.rule();
     let asks = rule.detailed_metric || found.path.iter().any(|rule| rule.value_to_metric);
     if !asks {
-        return rule.metric_name.clone();
+        return Cow::Borrowed(&rule.metric_name);
     }
     let mut name = domain.to_owned();
     for (entry, level) in descriptor.entries.iter().zip(&found.path) {
@@ -202,7 +207,7 @@ fn metric_name(domain: &str, descriptor: &RateLimitDescriptor, found: &Found<'_>
             name.push_str(value);
         }
     }
-    name
+    Cow::Owned(name)
 }
 
 fn bucket_key(
@@ -238,7 +243,7 @@ fn bucket_key(
     key::bucket_key(domain, &entries, limit_id, hash_tag)
 }
 
-impl Plan {
+impl Plan<'_> {
     /// Counts each limited descriptor's hits by outcome, per domain and rule.
     pub(super) fn record(&self, domain: &str, results: &[ChargeResult], near_ratio: f64) {
         for planned in &self.descriptors {

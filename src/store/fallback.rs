@@ -357,6 +357,7 @@ impl Guarded {
     ) -> Result<Decision, StoreError> {
         metrics::counter!(telemetry::FALLBACK_DECISIONS).increment(1);
         match self.mode {
+            FailureMode::Fallback if self.share >= 1.0 => Ok(self.fallback.charge(charges)),
             FailureMode::Fallback => Ok(self.fallback.charge(&self.scaled(charges))),
             FailureMode::Allow => Ok(Decision {
                 passed: true,
@@ -387,9 +388,6 @@ impl Guarded {
     }
 
     fn scale(&self, shape: Shape) -> Shape {
-        if self.share >= 1.0 {
-            return shape;
-        }
         let scale = |n: u64| ((n as f64 * self.share).round() as u64).max(1);
         let requests = scale(shape.requests());
         Shape::new(requests, shape.period_us(), scale(shape.capacity())).unwrap_or(shape)
