@@ -39,11 +39,16 @@ pub fn cluster_slot(key: &[u8]) -> u16 {
     crc16(hashed) % 16_384
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+/// FNV-1a, continued from `hash` (start from [`FNV_START`]): a stable 64-bit hash, the same in
+/// every process, for names that must not change between runs.
+pub(crate) fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |hash, &byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })
 }
+
+/// The starting value of [`fnv1a`].
+pub(crate) const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn crc16(bytes: &[u8]) -> u16 {
     let mut crc: u16 = 0;
@@ -114,7 +119,7 @@ pub fn bucket_key(
         push_part(&mut identity, domain.as_bytes());
         push_part(&mut identity, first.key.as_bytes());
         push_part(&mut identity, first.value.as_bytes());
-        out.extend_from_slice(format!("{{{:016x}}}", fnv1a(&identity)).as_bytes());
+        out.extend_from_slice(format!("{{{:016x}}}", fnv1a(FNV_START, &identity)).as_bytes());
     }
     push_part(&mut out, domain.as_bytes());
     push_part(&mut out, entries.len().to_string().as_bytes());

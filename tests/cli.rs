@@ -309,23 +309,28 @@ fn serve_requires_rules() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rules"));
 }
 
-/// Asks `serving` one decision of the `web` rules and returns its remaining count.
-fn ask_once(serving: &Serving) -> u32 {
+/// Asks `serving` one decision about ("remote_address", `value`) in the `web` domain.
+fn decide(serving: &Serving, value: &str) -> sluice::proto::RateLimitResponse {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
         let url = format!("http://{}", serving.grpc);
         let mut client = RateLimitServiceClient::connect(url)
             .await
             .expect("a connection");
-        let ask = request("web", vec![descriptor(&[("remote_address", "10.9.9.9")])]);
-        let response = client
+        let ask = request("web", vec![descriptor(&[("remote_address", value)])]);
+        client
             .should_rate_limit(ask)
             .await
             .expect("a decision")
-            .into_inner();
-        assert_eq!(response.overall_code, Code::Ok as i32);
-        response.statuses[0].limit_remaining
+            .into_inner()
     })
+}
+
+/// Asks `serving` one decision of the `web` rules and returns its remaining count.
+fn ask_once(serving: &Serving) -> u32 {
+    let response = decide(serving, "10.9.9.9");
+    assert_eq!(response.overall_code, Code::Ok as i32);
+    response.statuses[0].limit_remaining
 }
 
 #[test]
@@ -385,23 +390,9 @@ fn serve_keeps_buckets_in_redis_over_tls() {
 
 /// The `requests_per_unit` that a decision on ("remote_address", "limit") reports.
 fn limit_in_force(serving: &Serving) -> u32 {
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    runtime.block_on(async {
-        let url = format!("http://{}", serving.grpc);
-        let mut client = RateLimitServiceClient::connect(url)
-            .await
-            .expect("a connection");
-        let ask = request("web", vec![descriptor(&[("remote_address", "limit")])]);
-        let response = client
-            .should_rate_limit(ask)
-            .await
-            .expect("a decision")
-            .into_inner();
-        response.statuses[0]
-            .current_limit
-            .as_ref()
-            .map_or(0, |limit| limit.requests_per_unit)
-    })
+    let response = decide(serving, "limit");
+    let limit = response.statuses[0].current_limit.as_ref();
+    limit.map_or(0, |limit| limit.requests_per_unit)
 }
 
 #[test]

@@ -53,6 +53,24 @@ async fn health_says_serving_then_not_serving_on_shutdown() {
     stopping.await.expect("shutdown ends");
 }
 
+/// Sends one reflection request and returns the first answer.
+async fn reflect(
+    reflection: &mut ServerReflectionClient<tonic::transport::Channel>,
+    request: MessageRequest,
+) -> Option<MessageResponse> {
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("a stream")
+        .into_inner();
+    let answer = answers.message().await.expect("a message");
+    answer.expect("an answer").message_response
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_rate_limit_service() {
     let h = Harness::start(Backend::Memory, "domain: d\n").await;
@@ -62,21 +80,8 @@ async fn reflection_lists_the_rate_limit_service() {
         .connect()
         .await;
     let mut reflection = ServerReflectionClient::new(channel.expect("a connection"));
-    let list = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = reflection
-        .server_reflection_info(tokio_stream::iter(vec![list]))
-        .await
-        .expect("a stream")
-        .into_inner();
-    let answer = answers
-        .message()
-        .await
-        .expect("a message")
-        .expect("an answer");
-    let Some(MessageResponse::ListServicesResponse(services)) = answer.message_response else {
+    let answer = reflect(&mut reflection, MessageRequest::ListServices(String::new())).await;
+    let Some(MessageResponse::ListServicesResponse(services)) = answer else {
         panic!("not a list of services: {answer:?}");
     };
     let names: Vec<String> = services.service.into_iter().map(|s| s.name).collect();
@@ -87,22 +92,10 @@ async fn reflection_lists_the_rate_limit_service() {
     );
 
     // The RLS service's file can be fetched by symbol, as grpcurl does.
-    let by_symbol = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(RLS.to_owned())),
-    };
-    let mut answers = reflection
-        .server_reflection_info(tokio_stream::iter(vec![by_symbol]))
-        .await
-        .expect("a stream")
-        .into_inner();
-    let answer = answers
-        .message()
-        .await
-        .expect("a message")
-        .expect("an answer");
+    let symbol = MessageRequest::FileContainingSymbol(RLS.to_owned());
+    let answer = reflect(&mut reflection, symbol).await;
     assert!(
-        matches!(answer.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+        matches!(answer, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
         "{answer:?}"
     );
 }

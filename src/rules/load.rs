@@ -78,14 +78,12 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<RuleSet, RuleError> {
         files.extend(rule_files(path)?);
     }
     let mut domains = Vec::new();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut hash = key::FNV_START;
     for file in &files {
         let bytes =
             std::fs::read(file).map_err(|e| whole_file(file, format!("cannot read: {e}")))?;
-        // FNV-1a over each file's name and contents.
-        for &byte in file.display().to_string().as_bytes().iter().chain(&bytes) {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
+        hash = key::fnv1a(hash, file.display().to_string().as_bytes());
+        hash = key::fnv1a(hash, &bytes);
         let text = String::from_utf8(bytes)
             .map_err(|_| whole_file(file, "not UTF-8 text (is it a binary file?)".to_owned()))?;
         domains.push(load_str(file, &text)?);
