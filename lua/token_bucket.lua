@@ -29,9 +29,10 @@
 --   until_hits_us     microseconds until the asked tokens are there; -1: never }
 -- all in one flat list.
 --
--- State of a bucket: the string "level at_us units_per_token", where level is in units at the
--- tick boundary at_us. A missing key is a full bucket; a key expires when it would be full.
--- Every number stays below 2^53, so Lua's doubles hold them exactly.
+-- State of a bucket: 24 bytes, struct.pack('<ddd', level, at_us, units_per_token), where level
+-- is in units at the tick boundary at_us. A missing key (or one holding anything else) is a
+-- full bucket; a key expires when it would be full. Every number stays below 2^53, so Lua's
+-- doubles hold them exactly, in the state as in the arithmetic.
 
 local now = tonumber(ARGV[1])
 if now == 0 then
@@ -40,6 +41,8 @@ if now == 0 then
 end
 local refund = ARGV[2] == '1'
 local floor, min, max = math.floor, math.min, math.max
+local call, tonumber = redis.call, tonumber
+local pack, unpack = struct.pack, struct.unpack
 
 -- floor(a / b) for non-negative integers below 2^53. The division is correctly rounded, so
 -- the quotient can only come out one too high, never too low.
@@ -55,47 +58,107 @@ local function ceil_div(a, b)
   return idiv(a + b - 1, b)
 end
 
--- The bucket of `key` brought up to now.
-local function probe(key, tick, refill, units, capacity)
-  local cap_units = capacity * units
-  local now_tick = idiv(now, tick)
-  local level = cap_units
-  local stored = redis.call('GET', key)
-  if stored then
-    local l, at, u = string.match(stored, '^(%d+) (%d+) (%d+)$')
-    l, at, u = tonumber(l), tonumber(at), tonumber(u)
-    if l then
-      if u ~= units and u ~= 0 then
-        -- The limit's numbers changed: keep whole tokens, clamped to the new capacity.
-        l = min(idiv(l, u), capacity) * units
-      else
-        l = min(l, cap_units)
-      end
-      local gap = max(0, now_tick - idiv(at, tick))
-      if gap >= ceil_div(cap_units - l, refill) then
-        level = cap_units
-      else
-        level = l + gap * refill
-      end
-    end
+-- The level, in units, of the bucket at `key` at tick `now_tick`.
+local function probe(key, tick, refill, units, capacity, cap_units, now_tick)
+  local stored = call('GET', key)
+  if not stored or #stored ~= 24 then
+    return cap_units
   end
-  return {
-    probe = level, level = level, now_tick = now_tick, tick = tick, refill = refill,
-    units = units, cap_units = cap_units,
-  }
+  local l, at, u = unpack('<ddd', stored)
+  if u ~= units and u ~= 0 then
+    -- The limit's numbers changed: keep whole tokens, clamped to the new capacity.
+    l = min(idiv(l, u), capacity) * units
+  else
+    l = min(l, cap_units)
+  end
+  local gap = max(0, now_tick - idiv(at, tick))
+  if gap >= ceil_div(cap_units - l, refill) then
+    return cap_units
+  end
+  return l + gap * refill
 end
 
--- Microseconds from now until `bucket`, at `level`, holds `units_needed`.
-local function until_units(bucket, level, units_needed)
+-- Stores `level` for `key`, or forgets a full bucket.
+local function store(key, level, cap_units, units, now_tick, tick, refill)
+  if level >= cap_units then
+    call('DEL', key)
+    return
+  end
+  local at = now_tick * tick
+  local full_at = at + ceil_div(cap_units - level, refill) * tick
+  call('SET', key, pack('<ddd', level, at, units), 'PX', max(1000, ceil_div(full_at - now, 1000)))
+end
+
+-- Microseconds from now until a bucket at `level` holds `units_needed`.
+local function until_units(level, units_needed, refill, now_tick, tick)
   if level >= units_needed then
     return 0
   end
-  local ticks = ceil_div(units_needed - level, bucket.refill)
-  return max(0, bucket.now_tick * bucket.tick + ticks * bucket.tick - now)
+  local ticks = ceil_div(units_needed - level, refill)
+  return max(0, (now_tick + ticks) * tick - now)
 end
 
--- One decision over KEYS[k + 1 .. k + n] and its numbers from ARGV[a + 1], appended to reply.
-local function decide(k, a, n, reply)
+local reply = {}
+local r = 0
+
+-- Appends the report of one bucket: held, remaining, until full, until the hits are there.
+local function report(held, level, units, cap_units, need, capacity, refill, now_tick, tick)
+  reply[r + 1] = held and 1 or 0
+  reply[r + 2] = idiv(level, units)
+  reply[r + 3] = until_units(level, cap_units, refill, now_tick, tick)
+  if need <= capacity then
+    reply[r + 4] = until_units(level, need * units, refill, now_tick, tick)
+  else
+    reply[r + 4] = -1
+  end
+  r = r + 4
+end
+
+local function report_deny_all()
+  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] = 0, 0, 0, -1
+  r = r + 4
+end
+
+-- A decision over the one bucket KEYS[k] and its numbers from ARGV[a + 1]: the common case,
+-- without the tables the general case needs.
+local function decide_one(k, a)
+  local capacity = tonumber(ARGV[a + 4])
+  local mode = tonumber(ARGV[a + 6])
+  if capacity == 0 then
+    r = r + 1
+    reply[r] = (refund or mode == 1) and 1 or 0
+    report_deny_all()
+    return
+  end
+  local key = KEYS[k]
+  local tick, refill = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local units, hits = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 5])
+  local cap_units = capacity * units
+  local now_tick = idiv(now, tick)
+  local level = probe(key, tick, refill, units, capacity, cap_units, now_tick)
+  local need = max(hits, 1)
+  local holds = need <= capacity and level >= need * units
+  local after = level
+  if refund then
+    holds = true
+    after = min(cap_units, level + hits * units)
+  elseif holds then
+    after = level - hits * units
+  end
+  -- Alone, a quota-mode descriptor denies exactly when its bucket does.
+  local passed = refund or holds or mode == 1
+  if passed and after ~= level then
+    store(key, after, cap_units, units, now_tick, tick, refill)
+  else
+    after = level
+  end
+  r = r + 1
+  reply[r] = passed and 1 or 0
+  report(holds, after, units, cap_units, need, capacity, refill, now_tick, tick)
+end
+
+-- One decision over KEYS[k + 1 .. k + n] and its numbers from ARGV[a + 1].
+local function decide(k, a, n)
   local buckets = {}  -- per distinct key
   local held, probed, after = {}, {}, {}
   for i = 1, n do
@@ -107,7 +170,14 @@ local function decide(k, a, n, reply)
       local units = tonumber(ARGV[at + 3])
       local bucket = buckets[key]
       if not bucket then
-        bucket = probe(key, tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), units, capacity)
+        local tick, refill = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+        local cap_units = capacity * units
+        local now_tick = idiv(now, tick)
+        local level = probe(key, tick, refill, units, capacity, cap_units, now_tick)
+        bucket = {
+          probe = level, level = level, now_tick = now_tick, tick = tick, refill = refill,
+          units = units, cap_units = cap_units,
+        }
         buckets[key] = bucket
       end
       local hits = tonumber(ARGV[at + 5])
@@ -148,51 +218,37 @@ local function decide(k, a, n, reply)
   end
 
   if passed then
-    for key, bucket in pairs(buckets) do
-      if bucket.level ~= bucket.probe then
-        local at = bucket.now_tick * bucket.tick
-        if bucket.level >= bucket.cap_units then
-          redis.call('DEL', key)
-        else
-          local full_at = at + ceil_div(bucket.cap_units - bucket.level, bucket.refill) * bucket.tick
-          local ttl_ms = max(1000, ceil_div(full_at - now, 1000))
-          local state = string.format('%d %d %d', bucket.level, at, bucket.units)
-          redis.call('SET', key, state, 'PX', ttl_ms)
-        end
+    for key, b in pairs(buckets) do
+      if b.level ~= b.probe then
+        store(key, b.level, b.cap_units, b.units, b.now_tick, b.tick, b.refill)
       end
     end
   end
 
-  reply[#reply + 1] = passed and 1 or 0
+  r = r + 1
+  reply[r] = passed and 1 or 0
   for i = 1, n do
     local at = a + 6 * (i - 1)
     local capacity = tonumber(ARGV[at + 4])
     if capacity == 0 then
-      reply[#reply + 1] = 0
-      reply[#reply + 1] = 0
-      reply[#reply + 1] = 0
-      reply[#reply + 1] = -1
+      report_deny_all()
     else
-      local bucket = buckets[KEYS[k + i]]
+      local b = buckets[KEYS[k + i]]
       local level = passed and after[i] or probed[i]
       local need = max(tonumber(ARGV[at + 5]), 1)
-      reply[#reply + 1] = held[i] and 1 or 0
-      reply[#reply + 1] = idiv(level, bucket.units)
-      reply[#reply + 1] = until_units(bucket, level, bucket.cap_units)
-      if need <= capacity then
-        reply[#reply + 1] = until_units(bucket, level, need * bucket.units)
-      else
-        reply[#reply + 1] = -1
-      end
+      report(held[i], level, b.units, b.cap_units, need, capacity, b.refill, b.now_tick, b.tick)
     end
   end
 end
 
-local reply = {}
 local k, a = 0, 3
 for _ = 1, tonumber(ARGV[3]) do
   local n = tonumber(ARGV[a + 1])
-  decide(k, a + 1, n, reply)
+  if n == 1 then
+    decide_one(k + 1, a + 1)
+  else
+    decide(k, a + 1, n)
+  end
   k = k + n
   a = a + 1 + 6 * n
 end

@@ -38,6 +38,8 @@ struct Step {
     wait_us: u64,
     hits: Vec<u64>,
     modes: Vec<u8>,
+    /// Charges in this decision: the first 1 to 3 of the three buckets.
+    count: usize,
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
@@ -45,26 +47,30 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
         0..3_000_000u64,
         prop::collection::vec(0..6u64, 3),
         prop::collection::vec(0..3u8, 3),
+        1..=3usize,
     )
-        .prop_map(|(wait_us, hits, modes)| Step {
+        .prop_map(|(wait_us, hits, modes, count)| Step {
             wait_us,
             hits,
             modes,
+            count,
         });
     prop::collection::vec(step, 1..40)
 }
 
-fn shapes() -> impl Strategy<Value = Vec<(u64, u64, u64)>> {
+/// Three limits; now and then one that denies everything (`None`).
+fn shapes() -> impl Strategy<Value = Vec<Option<(u64, u64, u64)>>> {
     let shape = (
         1..=1_000u64,
         prop_oneof![Just(1u64), Just(60), Just(3_600)],
         1..=10u64,
     );
-    prop::collection::vec(shape, 3)
+    prop::collection::vec(prop::option::weighted(0.9, shape), 3)
 }
 
 /// The script and the Rust model (the memory store) give the same answers, decision by
-/// decision, for random limits, waits, hits, check-only requests and modes.
+/// decision, for random limits (deny-all ones among them), waits, hits, check-only requests,
+/// modes, and decisions of one bucket (the script's own path) or several.
 #[test]
 fn the_script_agrees_with_the_model() {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
@@ -78,19 +84,19 @@ fn the_script_agrees_with_the_model() {
         let run = run.fetch_add(1, Ordering::Relaxed);
         let clock = ManualClock::starting_at(1_700_000_000_000_000);
         let memory = MemoryStore::new(4, clock.clone());
-        let shapes: Vec<Shape> = shapes
+        let shapes: Vec<Option<Shape>> = shapes
             .iter()
-            .map(|&(r, p, c)| Shape::new(r, p * 1_000_000, c).expect("a shape"))
+            .map(|shape| shape.map(|(r, p, c)| Shape::new(r, p * 1_000_000, c).expect("a shape")))
             .collect();
         let settings = settings(Topology::Standalone { url: server.url() });
         let redis = RedisStore::connect_with_clock(&settings, Some(clock.clone()));
         let redis = runtime.block_on(redis).expect("Redis answers");
         for step in steps {
             clock.advance(step.wait_us);
-            let charges: Vec<Charge> = (0..3)
+            let charges: Vec<Charge> = (0..step.count)
                 .map(|b| Charge {
                     key: format!("prop:{run}:{b}").into_bytes(),
-                    shape: Some(shapes[b]),
+                    shape: shapes[b],
                     hits: step.hits[b],
                     mode: match step.modes[b] {
                         0 => Mode::Enforce,
