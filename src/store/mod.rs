@@ -123,10 +123,12 @@ pub enum Store {
 impl Store {
     /// Applies one decision's charges atomically.
     pub async fn charge(&self, charges: &[Charge]) -> Result<Decision, StoreError> {
+        // The Redis futures are boxed: kept inline, their kilobyte would be copied with every
+        // decision's future, whichever the store.
         match self {
             Store::Memory(memory) => Ok(memory.charge(charges)),
-            Store::Redis(redis) => redis.charge(charges).await,
-            Store::Guarded(guarded) => guarded.charge(charges).await,
+            Store::Redis(redis) => Box::pin(redis.charge(charges)).await,
+            Store::Guarded(guarded) => Box::pin(guarded.charge(charges)).await,
         }
     }
 
