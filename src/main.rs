@@ -115,7 +115,7 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_FALLBACK_PROBE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     fallback_probe_interval: Duration,
 
-    /// Multiplexed connections to a standalone or Sentinel Redis.
+    /// Connections to a standalone or Sentinel Redis, each carrying batches of decisions.
     #[arg(long, env = "SLUICE_REDIS_CONNECTIONS", default_value_t = 2)]
     redis_connections: usize,
 

@@ -12,6 +12,7 @@
 pub mod fallback;
 pub mod memory;
 pub mod redis;
+mod resp;
 
 use crate::bucket::{Report, Shape};
 pub use fallback::{BreakerState, FailureMode, Guarded};

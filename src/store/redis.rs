@@ -1,12 +1,14 @@
 //! The Redis store: every decision is one call of `lua/token_bucket.lua`, so any number of
 //! Sluice instances sharing a Redis enforce one limit exactly.
 //!
-//! - **Standalone** (`redis://`, `rediss://`, `redis+unix://`): a few multiplexed connections
-//!   (redis-rs `ConnectionManager`s, which reconnect by themselves), each fed by a dispatcher
-//!   task. A dispatcher sends every decision waiting for its connection in one script call
-//!   (each decision still atomic and all or nothing on its own), so under load many decisions
-//!   share one round trip, and when idle a decision goes out at once. No connection is checked
-//!   out per decision.
+//! - **Standalone** (`redis://`, `rediss://`, `redis+unix://`): a few connections, each owned
+//!   by a dispatcher task. A dispatcher sends every decision waiting for its connection in one
+//!   script call (each decision still atomic and all or nothing on its own), so under load many
+//!   decisions share one round trip, and when idle a decision goes out at once. No connection
+//!   is checked out per decision. The connections are Sluice's own lean RESP ones
+//!   ([`super::resp`]): a batch costs one write and one read, with nothing between the
+//!   dispatcher and the socket; a connection that fails is dropped and opened again for the
+//!   next batch.
 //! - **Sentinel**: the same, on the master the sentinels name; it is asked of them again after
 //!   a failed call, so a failover is followed.
 //! - **Cluster**: the charges of a decision are grouped by hash slot and the groups run in
@@ -22,14 +24,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
+use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{RedisError, Script};
+use redis::{ConnectionInfo, RedisError, Script};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use super::resp::{self, Reply};
 use super::{Charge, ChargeResult, Decision, Mode, StoreError, verdict};
 use crate::bucket::Report;
 use crate::clock::Clock;
@@ -56,7 +57,7 @@ pub struct RedisSettings {
     pub password: Option<String>,
     /// Deadline of one call.
     pub timeout: Duration,
-    /// Multiplexed connections to a standalone Redis or a Sentinel master.
+    /// Connections to a standalone Redis or a Sentinel master, each carrying batches.
     pub connections: usize,
     /// PEM certificate(s) of the authority that signed a `rediss://` server's certificate,
     /// when it is not one the system trusts.
@@ -116,9 +117,15 @@ struct Job {
 }
 
 enum Target {
-    Standalone(Vec<ConnectionManager>),
+    Standalone(Box<Endpoint>),
     Sentinel(Box<SentinelTarget>),
     Cluster(ClusterConnection),
+}
+
+/// One server, and how to speak to it.
+struct Endpoint {
+    info: ConnectionInfo,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
@@ -134,27 +141,29 @@ impl Target {
 /// The master of a Sentinel deployment, found again after a failure.
 struct SentinelTarget {
     client: Mutex<SentinelClient>,
-    connection: arc_swap::ArcSwapOption<MultiplexedConnection>,
+    master: arc_swap::ArcSwapOption<ConnectionInfo>,
 }
 
 impl SentinelTarget {
-    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
-        if let Some(connection) = self.connection.load_full() {
-            return Ok((*connection).clone());
+    /// Where the master is, asking the sentinels when it is not known.
+    async fn master(&self) -> Result<Arc<ConnectionInfo>, RedisError> {
+        if let Some(master) = self.master.load_full() {
+            return Ok(master);
         }
         let mut client = self.client.lock().await;
-        // Another decision may have found the master while this one waited.
-        if let Some(connection) = self.connection.load_full() {
-            return Ok((*connection).clone());
+        // Another dispatcher may have found the master while this one waited.
+        if let Some(master) = self.master.load_full() {
+            return Ok(master);
         }
-        let connection = client.get_async_connection().await?;
-        self.connection.store(Some(Arc::new(connection.clone())));
-        Ok(connection)
+        let found = client.async_get_client().await?;
+        let master = Arc::new(found.get_connection_info().clone());
+        self.master.store(Some(master.clone()));
+        Ok(master)
     }
 
-    /// Forgets the master after a failed call; the next decision asks the sentinels again.
+    /// Forgets the master after a failed call; the next connection asks the sentinels again.
     fn forget(&self) {
-        self.connection.store(None);
+        self.master.store(None);
     }
 }
 
@@ -175,31 +184,13 @@ async fn connect_target(settings: &RedisSettings) -> Result<Target, StoreError> 
                 let redis = info.redis_settings().clone().set_password(password);
                 info = info.set_redis_settings(redis);
             }
-            let client = match &settings.tls_ca {
-                None => redis::Client::open(info),
-                Some(ca) => {
-                    let root_cert = Some(ca.clone());
-                    let certificates = redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert,
-                    };
-                    redis::Client::build_with_tls(info, certificates)
+            let tls = match info.addr() {
+                redis::ConnectionAddr::TcpTls { .. } => {
+                    Some(resp::tls_config(settings.tls_ca.as_deref())?)
                 }
-            }
-            .map_err(classify)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(None)
-                .set_number_of_retries(2);
-            let mut connections = Vec::new();
-            for _ in 0..settings.connections.max(1) {
-                let connection = client
-                    .get_connection_manager_with_config(config.clone())
-                    .await
-                    .map_err(classify)?;
-                connections.push(connection);
-            }
-            Target::Standalone(connections)
+                _ => None,
+            };
+            Target::Standalone(Box::new(Endpoint { info, tls }))
         }
         Topology::Sentinel { sentinels, master } => {
             let mut node = redis::RedisConnectionInfo::default();
@@ -217,9 +208,8 @@ async fn connect_target(settings: &RedisSettings) -> Result<Target, StoreError> 
             .map_err(classify)?;
             let target = SentinelTarget {
                 client: Mutex::new(client),
-                connection: arc_swap::ArcSwapOption::empty(),
+                master: arc_swap::ArcSwapOption::empty(),
             };
-            target.connection().await.map_err(classify)?;
             Target::Sentinel(Box::new(target))
         }
         Topology::Cluster { nodes } => {
@@ -254,8 +244,7 @@ impl RedisStore {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let target = connect_target(settings).await?;
         let lanes = match &target {
-            Target::Standalone(connections) => connections.len(),
-            Target::Sentinel(_) => settings.connections.max(1),
+            Target::Standalone(_) | Target::Sentinel(_) => settings.connections.max(1),
             Target::Cluster(_) => 0,
         };
         // A first, empty call loads the script and proves that Redis accepts us (a wrong
@@ -267,13 +256,23 @@ impl RedisStore {
             timeout: settings.timeout.max(Duration::from_secs(2)),
             clock,
         };
-        inner.call_lane(0, &[]).await?;
+        match &inner.target {
+            Target::Cluster(connection) => {
+                let mut connection = connection.clone();
+                inner
+                    .call_on(&mut connection, &[], Op::Decide, |mode| mode)
+                    .await?;
+            }
+            Target::Standalone(_) | Target::Sentinel(_) => {
+                inner.call_lane(&mut None, &[]).await?;
+            }
+        }
         inner.timeout = settings.timeout;
         let inner = Arc::new(inner);
         let lanes = (0..lanes)
-            .map(|lane| {
+            .map(|_| {
                 let (send, receive) = mpsc::channel(LANE_DEPTH);
-                tokio::spawn(dispatch(inner.clone(), lane, receive));
+                tokio::spawn(dispatch(inner.clone(), receive));
                 send
             })
             .collect();
@@ -322,8 +321,10 @@ fn stopped() -> StoreError {
 }
 
 /// Feeds one connection: takes every decision waiting (up to [`MAX_BATCH`]), sends them in one
-/// script call, and answers each.
-async fn dispatch(inner: Arc<Inner>, lane: usize, mut jobs: mpsc::Receiver<Job>) {
+/// script call, and answers each. The connection is opened on the first batch, and again on
+/// the batch after one that failed.
+async fn dispatch(inner: Arc<Inner>, mut jobs: mpsc::Receiver<Job>) {
+    let mut connection = None;
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(job) = jobs.recv().await {
         batch.push(job);
@@ -342,7 +343,7 @@ async fn dispatch(inner: Arc<Inner>, lane: usize, mut jobs: mpsc::Receiver<Job>)
             .iter()
             .map(|job| job.charges.iter().collect())
             .collect();
-        let answers = match inner.call_lane(lane, &decisions).await {
+        let answers = match inner.call_lane(&mut connection, &decisions).await {
             Ok(reply) => decode(&decisions, &reply),
             Err(error) => Err(error),
         };
@@ -370,40 +371,97 @@ impl Inner {
         ))
     }
 
-    /// One script call with `decisions` on the connection of `lane`.
+    /// One script call with `decisions` on a dispatcher's `connection`, opening it if needed;
+    /// a connection that failed, or whose reply is late, is dropped, and a Sentinel master is
+    /// asked for again.
     async fn call_lane(
         &self,
-        lane: usize,
+        connection: &mut Option<resp::Connection>,
         decisions: &[Vec<&Charge>],
     ) -> Result<Vec<i64>, StoreError> {
-        match &self.target {
-            Target::Standalone(connections) => {
-                let mut connection = connections[lane % connections.len()].clone();
-                self.call_on(&mut connection, decisions, Op::Decide, |mode| mode)
-                    .await
+        let call = async {
+            let open = match connection.take() {
+                Some(open) => open,
+                None => self.open().await?,
+            };
+            let open = connection.insert(open);
+            let mut reply = open.call(&self.script_command(decisions, false)).await?;
+            if matches!(&reply, Reply::Error(error) if error.starts_with("NOSCRIPT")) {
+                // Redis restarted or its script cache was flushed: send the script itself,
+                // which caches it again.
+                reply = open.call(&self.script_command(decisions, true)).await?;
             }
-            Target::Sentinel(sentinel) => {
-                // Finding the master counts against the same deadline as the call itself.
-                let call = async {
-                    let mut connection = sentinel.connection().await.map_err(classify)?;
-                    self.call_on(&mut connection, decisions, Op::Decide, |mode| mode)
-                        .await
-                };
-                let answer = match tokio::time::timeout(self.timeout, call).await {
-                    Ok(answer) => answer,
-                    Err(_) => Err(self.late()),
-                };
-                if matches!(answer, Err(StoreError::Unavailable(_))) {
-                    sentinel.forget();
-                }
-                answer
+            match reply {
+                Reply::Integers(Some(numbers)) => Ok(numbers),
+                Reply::Error(error) => Err(classify_reply(error)),
+                other => Err(StoreError::Failed(format!(
+                    "unexpected reply from the script: {other:?}"
+                ))),
             }
-            Target::Cluster(connection) => {
-                let mut connection = connection.clone();
-                self.call_on(&mut connection, decisions, Op::Decide, |mode| mode)
-                    .await
+        };
+        let answer = match tokio::time::timeout(self.timeout, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(self.late()),
+        };
+        if matches!(answer, Err(StoreError::Unavailable(_))) {
+            *connection = None;
+            if let Target::Sentinel(sentinel) = &self.target {
+                sentinel.forget();
             }
         }
+        answer
+    }
+
+    /// A new connection to the standalone server or the Sentinel master.
+    async fn open(&self) -> Result<resp::Connection, StoreError> {
+        match &self.target {
+            Target::Standalone(endpoint) => {
+                resp::Connection::open(&endpoint.info, endpoint.tls.as_ref()).await
+            }
+            Target::Sentinel(sentinel) => {
+                let master = sentinel.master().await.map_err(classify)?;
+                resp::Connection::open(&master, None).await
+            }
+            Target::Cluster(_) => Err(StoreError::Failed(
+                "a Cluster is called through its own connection".to_owned(),
+            )),
+        }
+    }
+
+    /// The script call for `decisions`: `EVALSHA`, or with `body`, `EVAL` with the script
+    /// itself.
+    fn script_command(&self, decisions: &[Vec<&Charge>], body: bool) -> resp::Command {
+        let keys: usize = decisions.iter().map(Vec::len).sum();
+        let mut command = resp::Command::with_args(6 + decisions.len() + 7 * keys);
+        if body {
+            command.arg(b"EVAL").arg(SCRIPT.as_bytes());
+        } else {
+            command
+                .arg(b"EVALSHA")
+                .arg(self.script.get_hash().as_bytes());
+        }
+        command.number(keys as u64);
+        for charge in decisions.iter().flatten() {
+            command.arg(&charge.key);
+        }
+        command
+            .number(self.now())
+            .number(Op::Decide as u64)
+            .number(decisions.len() as u64);
+        for charges in decisions {
+            command.number(charges.len() as u64);
+            for charge in charges {
+                for number in script_numbers(charge, charge.mode) {
+                    command.number(number);
+                }
+            }
+        }
+        command
+    }
+
+    /// The time to decide at: 0 asks the script to read Redis's clock.
+    fn now(&self) -> u64 {
+        self.clock.as_ref().map_or(0, |clock| clock.now_us())
     }
 
     async fn charge_cluster(
@@ -509,26 +567,17 @@ impl Inner {
         mode: impl Fn(Mode) -> Mode,
     ) -> Result<Vec<i64>, StoreError> {
         let mut invocation = self.script.prepare_invoke();
-        let now = self.clock.as_ref().map_or(0, |clock| clock.now_us());
-        invocation.arg(now).arg(op as u8).arg(decisions.len());
+        invocation
+            .arg(self.now())
+            .arg(op as u8)
+            .arg(decisions.len());
         for charges in decisions {
             invocation.arg(charges.len());
             for charge in charges {
                 invocation.key(charge.key.as_slice());
-                match charge.shape {
-                    Some(shape) => invocation
-                        .arg(shape.tick_us())
-                        .arg(shape.refill_per_tick())
-                        .arg(shape.units_per_token())
-                        .arg(shape.capacity()),
-                    None => invocation.arg(1).arg(1).arg(1).arg(0),
-                };
-                let mode = match mode(charge.mode) {
-                    Mode::Enforce => 0,
-                    Mode::Shadow => 1,
-                    Mode::Quota { group } => 2 + u64::from(group),
-                };
-                invocation.arg(charge.hits).arg(mode);
+                for number in script_numbers(charge, mode(charge.mode)) {
+                    invocation.arg(number);
+                }
             }
         }
         let call = invocation.invoke_async::<Vec<i64>>(connection);
@@ -543,6 +592,45 @@ impl Inner {
 enum Op {
     Decide = 0,
     Refund = 1,
+}
+
+/// A charge's six numbers in the script's arguments: tick, refill per tick, units per token,
+/// capacity (0: deny everything), hits and mode.
+fn script_numbers(charge: &Charge, mode: Mode) -> [u64; 6] {
+    let [tick, refill, units, capacity] = match charge.shape {
+        Some(shape) => [
+            shape.tick_us(),
+            shape.refill_per_tick(),
+            shape.units_per_token(),
+            shape.capacity(),
+        ],
+        None => [1, 1, 1, 0],
+    };
+    let mode = match mode {
+        Mode::Enforce => 0,
+        Mode::Shadow => 1,
+        Mode::Quota { group } => 2 + u64::from(group),
+    };
+    [tick, refill, units, capacity, charge.hits, mode]
+}
+
+/// Sorts an error reply: the ones of a server that is loading, read-only (a demoted master)
+/// or busy may pass by themselves; the rest point at a defect.
+fn classify_reply(error: String) -> StoreError {
+    const TRANSIENT: [&str; 6] = [
+        "LOADING",
+        "READONLY",
+        "MASTERDOWN",
+        "BUSY",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+    ];
+    let code = error.split(' ').next().unwrap_or_default();
+    if TRANSIENT.contains(&code) {
+        StoreError::Unavailable(format!("Redis: {error}"))
+    } else {
+        StoreError::Failed(format!("Redis: {error}"))
+    }
 }
 
 /// Splits a script reply into one decision per entry of `decisions`.
