@@ -385,18 +385,23 @@ impl Inner {
                 None => self.open().await?,
             };
             let open = connection.insert(open);
-            let mut reply = open.call(&self.script_command(decisions, false)).await?;
-            if matches!(&reply, Reply::Error(error) if error.starts_with("NOSCRIPT")) {
+            let mut reply = open.call(&self.script_command(decisions, false)).await;
+            if matches!(&reply, Ok(Reply::Error(error)) if error.starts_with("NOSCRIPT")) {
                 // Redis restarted or its script cache was flushed: send the script itself,
                 // which caches it again.
-                reply = open.call(&self.script_command(decisions, true)).await?;
+                reply = open.call(&self.script_command(decisions, true)).await;
             }
             match reply {
-                Reply::Integers(Some(numbers)) => Ok(numbers),
-                Reply::Error(error) => Err(classify_reply(error)),
-                other => Err(StoreError::Failed(format!(
+                Ok(Reply::Integers(Some(numbers))) => Ok(numbers),
+                Ok(Reply::Error(error)) => Err(classify_reply(error)),
+                Ok(other) => Err(StoreError::Failed(format!(
                     "unexpected reply from the script: {other:?}"
                 ))),
+                Err(error) => {
+                    // A broken stream or an unreadable reply: the connection cannot be trusted.
+                    *connection = None;
+                    Err(error)
+                }
             }
         };
         let answer = match tokio::time::timeout(self.timeout, call).await {
@@ -404,6 +409,7 @@ impl Inner {
             Err(_) => Err(self.late()),
         };
         if matches!(answer, Err(StoreError::Unavailable(_))) {
+            // Late, lost or refused by a server that is no master now.
             *connection = None;
             if let Target::Sentinel(sentinel) = &self.target {
                 sentinel.forget();

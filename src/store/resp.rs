@@ -92,9 +92,10 @@ const MAX_ITEMS: usize = 64 * 1024 * 1024;
 /// An open, authenticated connection.
 pub struct Connection {
     stream: Box<dyn Stream>,
+    /// Bytes read: `buffer[start..end]` are not parsed yet; the rest is room to read into.
     buffer: Vec<u8>,
-    /// Bytes of `buffer` already parsed.
-    consumed: usize,
+    start: usize,
+    end: usize,
 }
 
 impl Connection {
@@ -148,8 +149,9 @@ impl Connection {
         };
         let mut connection = Connection {
             stream,
-            buffer: Vec::with_capacity(16 * 1024),
-            consumed: 0,
+            buffer: vec![0; 16 * 1024],
+            start: 0,
+            end: 0,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -179,7 +181,8 @@ impl Connection {
         }
     }
 
-    /// Sends `command` and reads its reply.
+    /// Sends `command` and reads its reply. After an error the connection is in an unknown
+    /// state and must be dropped.
     pub async fn call(&mut self, command: &Command) -> Result<Reply, StoreError> {
         self.stream
             .write_all(&command.bytes)
@@ -187,27 +190,30 @@ impl Connection {
             .map_err(io_error)?;
         self.stream.flush().await.map_err(io_error)?;
         loop {
-            if let Some((reply, used)) = parse(&self.buffer[self.consumed..])? {
-                self.consumed += used;
-                if self.consumed == self.buffer.len() {
-                    self.buffer.clear();
-                    self.consumed = 0;
+            if let Some((reply, used)) = parse(&self.buffer[self.start..self.end])? {
+                self.start += used;
+                if self.start == self.end {
+                    (self.start, self.end) = (0, 0);
                 }
                 return Ok(reply);
             }
-            if self.consumed > 0 {
-                self.buffer.drain(..self.consumed);
-                self.consumed = 0;
+            if self.end == self.buffer.len() {
+                // Full: move what is unparsed to the front, or make room.
+                if self.start > 0 {
+                    self.buffer.copy_within(self.start..self.end, 0);
+                    (self.start, self.end) = (0, self.end - self.start);
+                } else {
+                    self.buffer.resize(self.buffer.len() * 2, 0);
+                }
             }
-            let filled = self.buffer.len();
-            self.buffer.resize(filled.max(4096) * 2, 0);
-            let read = self.stream.read(&mut self.buffer[filled..]).await;
-            let read = read.map_err(io_error)?;
-            self.buffer.truncate(filled + read);
-            if read == 0 {
-                return Err(StoreError::Unavailable(
-                    "Redis closed the connection".to_owned(),
-                ));
+            let read = self.stream.read(&mut self.buffer[self.end..]).await;
+            match read.map_err(io_error)? {
+                0 => {
+                    return Err(StoreError::Unavailable(
+                        "Redis closed the connection".to_owned(),
+                    ));
+                }
+                read => self.end += read,
             }
         }
     }
@@ -396,6 +402,40 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(parse(input).unwrap(), Some((expected, input.len())));
         }
+    }
+
+    /// Replies larger than the buffer, arriving a few bytes at a time, back to back.
+    #[tokio::test]
+    async fn replies_are_read_across_many_reads() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut connection = Connection {
+            stream: Box::new(client),
+            buffer: vec![0; 16],
+            start: 0,
+            end: 0,
+        };
+        let numbers: Vec<i64> = (0..5_000).map(|n| n * 7 - 100).collect();
+        let mut encoded = format!("*{}\r\n", numbers.len());
+        for n in &numbers {
+            encoded.push_str(&format!(":{n}\r\n"));
+        }
+        encoded.push_str("+OK\r\n");
+        let serving = tokio::spawn(async move {
+            let mut request = [0u8; 64];
+            let _ = server.read(&mut request).await;
+            for chunk in encoded.as_bytes().chunks(7) {
+                server.write_all(chunk).await.expect("the client reads");
+            }
+            server
+        });
+        let mut ping = Command::with_args(1);
+        ping.arg(b"PING");
+        let first = connection.call(&ping).await.expect("a reply");
+        assert_eq!(first, Reply::Integers(Some(numbers)));
+        let _server = serving.await.expect("the server task");
+        // The status sent right behind the array is the next call's reply.
+        let second = connection.call(&ping).await.expect("a reply");
+        assert_eq!(second, Reply::Status("OK".into()));
     }
 
     #[test]
