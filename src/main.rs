@@ -289,7 +289,9 @@ fn init_logging(format: &str, otlp: Option<&str>) -> anyhow::Result<Telemetry> {
     } else {
         logs.with_ansi(std::io::stderr().is_terminal()).boxed()
     };
-    let registry = tracing_subscriber::registry().with(filter).with(logs);
+    // Each layer has its own filter: the `decide` span is at debug level, so that logging at
+    // info costs a decision nothing, while the exporter below takes every decision's span.
+    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
     match otlp {
         None => {
             registry.init();
@@ -312,8 +314,15 @@ fn init_logging(format: &str, otlp: Option<&str>) -> anyhow::Result<Telemetry> {
                 .with_resource(resource)
                 .build();
             let tracer = provider.tracer("sluice");
+            let spans_only = tracing_subscriber::filter::filter_fn(|metadata| {
+                metadata.is_span() && metadata.target().starts_with("sluice")
+            });
             registry
-                .with(tracing_opentelemetry::layer().with_tracer(tracer))
+                .with(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(spans_only),
+                )
                 .init();
             Ok(Telemetry {
                 provider: Some(provider),

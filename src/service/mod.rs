@@ -123,7 +123,7 @@ impl Limiter {
     }
 
     /// Decides whether the request may pass, and takes its tokens if it does.
-    #[tracing::instrument(name = "decide", skip_all, fields(
+    #[tracing::instrument(name = "decide", level = "debug", skip_all, fields(
         domain = %request.domain,
         descriptors = request.descriptors.len(),
         store = self.store.name(),
