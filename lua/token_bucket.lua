@@ -12,7 +12,9 @@
 --               1: refund, giving `hits` tokens back to each bucket (a Cluster decision
 --                  that another slot group denied), clamped to the capacity
 -- ARGV[3]       the number of decisions D
--- then, for each decision in turn:
+-- ARGV[4]       the numbers of the D decisions, each a little-endian IEEE double (8 bytes;
+--               unpacked in one step per bucket, far cheaper than an argument per number).
+--               For each decision in turn:
 --   n             its number of buckets, whose keys are the next n KEYS (a key may repeat)
 --   six numbers per bucket:
 --     tick_us           length of a tick in microseconds
@@ -41,8 +43,8 @@ if now == 0 then
 end
 local refund = ARGV[2] == '1'
 local floor, min, max = math.floor, math.min, math.max
-local call, tonumber = redis.call, tonumber
-local pack, unpack = struct.pack, struct.unpack
+local call = redis.call
+local pack, unpack_struct = struct.pack, struct.unpack
 
 -- floor(a / b) for non-negative integers below 2^53. The division is correctly rounded, so
 -- the quotient can only come out one too high, never too low.
@@ -58,13 +60,13 @@ local function ceil_div(a, b)
   return idiv(a + b - 1, b)
 end
 
--- The level, in units, of the bucket at `key` at tick `now_tick`.
-local function probe(key, tick, refill, units, capacity, cap_units, now_tick)
-  local stored = call('GET', key)
+-- The level, in units, at tick `now_tick` of a bucket whose stored state is `stored` (false
+-- when the key is missing).
+local function level_of(stored, tick, refill, units, capacity, cap_units, now_tick)
   if not stored or #stored ~= 24 then
     return cap_units
   end
-  local l, at, u = unpack('<ddd', stored)
+  local l, at, u = unpack_struct('<ddd', stored)
   if u ~= units and u ~= 0 then
     -- The limit's numbers changed: keep whole tokens, clamped to the new capacity.
     l = min(idiv(l, u), capacity) * units
@@ -119,11 +121,27 @@ local function report_deny_all()
   r = r + 4
 end
 
--- A decision over the one bucket KEYS[k] and its numbers from ARGV[a + 1]: the common case,
--- without the tables the general case needs.
-local function decide_one(k, a)
-  local capacity = tonumber(ARGV[a + 4])
-  local mode = tonumber(ARGV[a + 6])
+-- The numbers of the decisions, and where the next one starts.
+local numbers, cursor = ARGV[4], 1
+
+-- The next number: a decision's count of buckets.
+local function next_number()
+  local value
+  value, cursor = unpack_struct('<d', numbers, cursor)
+  return value
+end
+
+-- The six numbers of the next bucket.
+local function next_bucket()
+  local tick, refill, units, capacity, hits, mode
+  tick, refill, units, capacity, hits, mode, cursor = unpack_struct('<dddddd', numbers, cursor)
+  return tick, refill, units, capacity, hits, mode
+end
+
+-- A decision over the one bucket KEYS[k]: the common case, without the tables the general
+-- case needs.
+local function decide_one(k)
+  local tick, refill, units, capacity, hits, mode = next_bucket()
   if capacity == 0 then
     r = r + 1
     reply[r] = (refund or mode == 1) and 1 or 0
@@ -131,11 +149,9 @@ local function decide_one(k, a)
     return
   end
   local key = KEYS[k]
-  local tick, refill = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local units, hits = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 5])
   local cap_units = capacity * units
   local now_tick = idiv(now, tick)
-  local level = probe(key, tick, refill, units, capacity, cap_units, now_tick)
+  local level = level_of(call('GET', key), tick, refill, units, capacity, cap_units, now_tick)
   local need = max(hits, 1)
   local holds = need <= capacity and level >= need * units
   local after = level
@@ -157,60 +173,79 @@ local function decide_one(k, a)
   report(holds, after, units, cap_units, need, capacity, refill, now_tick, tick)
 end
 
--- One decision over KEYS[k + 1 .. k + n] and its numbers from ARGV[a + 1].
-local function decide(k, a, n)
-  local buckets = {}  -- per distinct key
-  local held, probed, after = {}, {}, {}
+-- One decision over KEYS[k + 1 .. k + n]. Charges on the
+-- same key share one bucket, which takes their tokens in turn; the buckets are read with one
+-- MGET.
+--
+-- The tables are scratch space shared by the decisions of one call, so that each decision
+-- does not build (and grow) tables of its own; only the entries 1..n and 1..buckets of the
+-- decision at hand are meaningful.
+local capacity, hits, mode, units, bucket_of, held, after = {}, {}, {}, {}, {}, {}, {}
+local keys, index, level, probed = {}, {}, {}, {}
+local b_tick, b_refill, b_units, b_cap, b_cap_units, b_now = {}, {}, {}, {}, {}, {}
+
+local function decide(k, n)
+  -- The distinct buckets, numbered 1..buckets in the order their keys first appear.
+  local buckets = 0
   for i = 1, n do
-    local at = a + 6 * (i - 1)
-    local capacity = tonumber(ARGV[at + 4])
-    held[i] = false
-    if capacity > 0 then
+    bucket_of[i] = false
+    local tick, refill
+    tick, refill, units[i], capacity[i], hits[i], mode[i] = next_bucket()
+    if capacity[i] > 0 then
       local key = KEYS[k + i]
-      local units = tonumber(ARGV[at + 3])
-      local bucket = buckets[key]
-      if not bucket then
-        local tick, refill = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
-        local cap_units = capacity * units
-        local now_tick = idiv(now, tick)
-        local level = probe(key, tick, refill, units, capacity, cap_units, now_tick)
-        bucket = {
-          probe = level, level = level, now_tick = now_tick, tick = tick, refill = refill,
-          units = units, cap_units = cap_units,
-        }
-        buckets[key] = bucket
+      local j = index[key]
+      if not j then
+        buckets = buckets + 1
+        j = buckets
+        index[key], keys[j] = j, key
+        b_tick[j], b_refill[j], b_units[j] = tick, refill, units[i]
+        b_cap[j], b_cap_units[j], b_now[j] = capacity[i], capacity[i] * units[i], idiv(now, tick)
       end
-      local hits = tonumber(ARGV[at + 5])
-      local need = max(hits, 1)
-      local holds = need <= capacity and bucket.level >= need * units
+      bucket_of[i] = j
+    end
+  end
+
+  if buckets > 0 then
+    local stored = call('MGET', unpack(keys, 1, buckets))
+    for j = 1, buckets do
+      level[j] = level_of(
+        stored[j], b_tick[j], b_refill[j], b_units[j], b_cap[j], b_cap_units[j], b_now[j])
+      probed[j] = level[j]
+    end
+  end
+
+  for i = 1, n do
+    local j = bucket_of[i]
+    held[i] = false
+    if j then
+      local need = max(hits[i], 1)
+      local holds = need <= capacity[i] and level[j] >= need * units[i]
       if refund then
         holds = true
-        bucket.level = min(bucket.cap_units, bucket.level + hits * units)
+        level[j] = min(b_cap_units[j], level[j] + hits[i] * units[i])
       elseif holds then
-        bucket.level = bucket.level - hits * units
+        level[j] = level[j] - hits[i] * units[i]
       end
       held[i] = holds
-      probed[i] = bucket.probe
-      after[i] = bucket.level
+      after[i] = level[j]
     end
   end
 
   -- The verdict: every enforcing bucket holds; quota-mode descriptors deny only when none of
   -- them holds all of its buckets.
   local passed = true
-  local groups, any_group = {}, false
+  local groups
   for i = 1, n do
-    local mode = tonumber(ARGV[a + 6 * (i - 1) + 6])
-    if mode == 0 and not held[i] then
+    if mode[i] == 0 and not held[i] then
       passed = false
-    elseif mode >= 2 then
-      any_group = true
-      groups[mode] = (groups[mode] ~= false) and held[i]
+    elseif mode[i] >= 2 then
+      groups = groups or {}
+      groups[mode[i]] = (groups[mode[i]] ~= false) and held[i]
     end
   end
   if refund then
     passed = true
-  elseif passed and any_group then
+  elseif passed and groups then
     passed = false
     for _, all_held in pairs(groups) do
       passed = passed or all_held
@@ -218,38 +253,39 @@ local function decide(k, a, n)
   end
 
   if passed then
-    for key, b in pairs(buckets) do
-      if b.level ~= b.probe then
-        store(key, b.level, b.cap_units, b.units, b.now_tick, b.tick, b.refill)
+    for j = 1, buckets do
+      if level[j] ~= probed[j] then
+        store(keys[j], level[j], b_cap_units[j], b_units[j], b_now[j], b_tick[j], b_refill[j])
       end
     end
+  end
+
+  for j = 1, buckets do
+    index[keys[j]] = nil
   end
 
   r = r + 1
   reply[r] = passed and 1 or 0
   for i = 1, n do
-    local at = a + 6 * (i - 1)
-    local capacity = tonumber(ARGV[at + 4])
-    if capacity == 0 then
+    local j = bucket_of[i]
+    if not j then
       report_deny_all()
     else
-      local b = buckets[KEYS[k + i]]
-      local level = passed and after[i] or probed[i]
-      local need = max(tonumber(ARGV[at + 5]), 1)
-      report(held[i], level, b.units, b.cap_units, need, capacity, b.refill, b.now_tick, b.tick)
+      local shown = passed and after[i] or probed[j]
+      report(held[i], shown, b_units[j], b_cap_units[j], max(hits[i], 1), capacity[i],
+        b_refill[j], b_now[j], b_tick[j])
     end
   end
 end
 
-local k, a = 0, 3
+local k = 0
 for _ = 1, tonumber(ARGV[3]) do
-  local n = tonumber(ARGV[a + 1])
+  local n = next_number()
   if n == 1 then
-    decide_one(k + 1, a + 1)
+    decide_one(k + 1)
   else
-    decide(k, a + 1, n)
+    decide(k, n)
   end
   k = k + n
-  a = a + 1 + 6 * n
 end
 return reply

@@ -441,7 +441,7 @@ impl Inner {
     /// itself.
     fn script_command(&self, decisions: &[Vec<&Charge>], body: bool) -> resp::Command {
         let keys: usize = decisions.iter().map(Vec::len).sum();
-        let mut command = resp::Command::with_args(6 + decisions.len() + 7 * keys);
+        let mut command = resp::Command::with_args(7 + keys);
         if body {
             command.arg(b"EVAL").arg(SCRIPT.as_bytes());
         } else {
@@ -456,15 +456,8 @@ impl Inner {
         command
             .number(self.now())
             .number(Op::Decide as u64)
-            .number(decisions.len() as u64);
-        for charges in decisions {
-            command.number(charges.len() as u64);
-            for charge in charges {
-                for number in script_numbers(charge, charge.mode) {
-                    command.number(number);
-                }
-            }
-        }
+            .number(decisions.len() as u64)
+            .arg(&script_numbers(decisions, |mode| mode));
         command
     }
 
@@ -576,19 +569,14 @@ impl Inner {
         mode: impl Fn(Mode) -> Mode,
     ) -> Result<Vec<i64>, StoreError> {
         let mut invocation = self.script.prepare_invoke();
+        for charge in decisions.iter().flatten() {
+            invocation.key(charge.key.as_slice());
+        }
         invocation
             .arg(self.now())
             .arg(op as u8)
-            .arg(decisions.len());
-        for charges in decisions {
-            invocation.arg(charges.len());
-            for charge in charges {
-                invocation.key(charge.key.as_slice());
-                for number in script_numbers(charge, mode(charge.mode)) {
-                    invocation.arg(number);
-                }
-            }
-        }
+            .arg(decisions.len())
+            .arg(script_numbers(decisions, mode));
         let call = invocation.invoke_async::<Vec<i64>>(connection);
         match tokio::time::timeout(self.timeout, call).await {
             Ok(reply) => reply.map_err(classify),
@@ -603,24 +591,36 @@ enum Op {
     Refund = 1,
 }
 
-/// A charge's six numbers in the script's arguments: tick, refill per tick, units per token,
-/// capacity (0: deny everything), hits and mode.
-fn script_numbers(charge: &Charge, mode: Mode) -> [u64; 6] {
-    let [tick, refill, units, capacity] = match charge.shape {
-        Some(shape) => [
-            shape.tick_us(),
-            shape.refill_per_tick(),
-            shape.units_per_token(),
-            shape.capacity(),
-        ],
-        None => [1, 1, 1, 0],
-    };
-    let mode = match mode {
-        Mode::Enforce => 0,
-        Mode::Shadow => 1,
-        Mode::Quota { group } => 2 + u64::from(group),
-    };
-    [tick, refill, units, capacity, charge.hits, mode]
+/// The script's `ARGV[4]`: for each decision, its count of buckets, then six numbers per
+/// bucket (tick, refill per tick, units per token, capacity or 0 to deny everything, hits,
+/// mode), each a little-endian double. Every number is below 2^53, so the doubles are exact.
+fn script_numbers(decisions: &[Vec<&Charge>], mode: impl Fn(Mode) -> Mode) -> Vec<u8> {
+    let count: usize = decisions.iter().map(|charges| 1 + 6 * charges.len()).sum();
+    let mut numbers = Vec::with_capacity(8 * count);
+    let mut push = |number: u64| numbers.extend_from_slice(&(number as f64).to_le_bytes());
+    for charges in decisions {
+        push(charges.len() as u64);
+        for charge in charges {
+            let [tick, refill, units, capacity] = match charge.shape {
+                Some(shape) => [
+                    shape.tick_us(),
+                    shape.refill_per_tick(),
+                    shape.units_per_token(),
+                    shape.capacity(),
+                ],
+                None => [1, 1, 1, 0],
+            };
+            let mode = match mode(charge.mode) {
+                Mode::Enforce => 0,
+                Mode::Shadow => 1,
+                Mode::Quota { group } => 2 + u64::from(group),
+            };
+            for number in [tick, refill, units, capacity, charge.hits, mode] {
+                push(number);
+            }
+        }
+    }
+    numbers
 }
 
 /// Sorts an error reply: the ones of a server that is loading, read-only (a demoted master)
