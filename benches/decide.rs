@@ -83,6 +83,8 @@ fn bench_decide(c: &mut Criterion) {
     };
     let store = Store::Memory(MemoryStore::new(64, Arc::new(MonotonicClock::new())));
     let limiter = Limiter::new(set, store, Bounds::default());
+    // As `serve` does: with the recorder installed, decisions count on cached handles.
+    sluice::telemetry::prometheus().expect("the only recorder");
     let one = RateLimitRequest {
         domain: "bench".into(),
         descriptors: vec![descriptor(&[("user", "nobody")])],

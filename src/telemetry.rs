@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use std::time::Duration;
 
-use metrics::{Counter, describe_counter, describe_gauge, describe_histogram};
+use metrics::{Counter, Histogram, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Where decisions are made: 0 Redis, 1 the fallback, 2 the fallback with a probe out.
@@ -126,10 +126,48 @@ pub const DECISION_SECONDS: &str = "sluice_decision_seconds";
 /// Requests for a domain no rule file defines.
 pub const UNKNOWN_DOMAIN: &str = "sluice_unknown_domain_total";
 
+/// The outcomes and stores decisions are counted by, in the order of [`HANDLES`]' arrays.
+const OUTCOMES: [&str; 4] = ["ok", "over_limit", "invalid", "store_error"];
+const STORES: [&str; 2] = ["memory", "redis"];
+
+/// Handles of the per-decision metrics, made on first use once the recorder is installed, so
+/// that a decision does not look its metrics up by name and labels every time.
+struct Handles {
+    decisions: [OnceLock<Counter>; OUTCOMES.len()],
+    decision_seconds: OnceLock<Histogram>,
+    /// By store, then `ok` / `error`.
+    store_seconds: [[OnceLock<Histogram>; 2]; STORES.len()],
+}
+
+static HANDLES: Handles = Handles {
+    decisions: [const { OnceLock::new() }; OUTCOMES.len()],
+    decision_seconds: OnceLock::new(),
+    store_seconds: [const { [const { OnceLock::new() }; 2] }; STORES.len()],
+};
+
+/// Handles made before the recorder is installed would stay no-ops: until then, none are kept.
+fn recorder_installed() -> bool {
+    matches!(PROMETHEUS.get(), Some(Some(_)))
+}
+
 /// Records one decision.
 pub fn decision(outcome: &'static str, took: Duration) {
-    metrics::counter!(DECISIONS, "outcome" => outcome).increment(1);
-    metrics::histogram!(DECISION_SECONDS).record(took.as_secs_f64());
+    let seconds = took.as_secs_f64();
+    match OUTCOMES.iter().position(|known| *known == outcome) {
+        Some(index) if recorder_installed() => {
+            HANDLES.decisions[index]
+                .get_or_init(|| metrics::counter!(DECISIONS, "outcome" => outcome))
+                .increment(1);
+            HANDLES
+                .decision_seconds
+                .get_or_init(|| metrics::histogram!(DECISION_SECONDS))
+                .record(seconds);
+        }
+        _ => {
+            metrics::counter!(DECISIONS, "outcome" => outcome).increment(1);
+            metrics::histogram!(DECISION_SECONDS).record(seconds);
+        }
+    }
 }
 
 /// Counts a request for an unknown domain (the domain is not a label: it is the caller's).
@@ -140,8 +178,17 @@ pub fn unknown_domain() {
 /// Records one store call.
 pub fn store_call(store: &'static str, took: Duration, ok: bool) {
     let result = if ok { "ok" } else { "error" };
-    metrics::histogram!(STORE_SECONDS, "store" => store, "result" => result)
-        .record(took.as_secs_f64());
+    let seconds = took.as_secs_f64();
+    match STORES.iter().position(|known| *known == store) {
+        Some(index) if recorder_installed() => HANDLES.store_seconds[index][usize::from(!ok)]
+            .get_or_init(
+                || metrics::histogram!(STORE_SECONDS, "store" => store, "result" => result),
+            )
+            .record(seconds),
+        _ => {
+            metrics::histogram!(STORE_SECONDS, "store" => store, "result" => result).record(seconds)
+        }
+    }
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

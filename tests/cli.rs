@@ -640,6 +640,13 @@ fn metrics_and_rlconfig_after_a_known_sequence() {
     );
     assert_eq!(value("sluice_unknown_domain_total "), Some(1.0));
     assert_eq!(value("sluice_decision_seconds_count "), Some(7.0));
+    // Every decision but the unknown domain's asked the store.
+    assert_eq!(
+        value(r#"sluice_store_call_seconds_count{store="memory",result="ok"} "#),
+        Some(6.0),
+        "{}",
+        metrics.body
+    );
     assert!(
         metrics.body.contains("# HELP sluice_rule_total_hits"),
         "described once"
