@@ -227,6 +227,40 @@ async fn a_flushed_script_cache_costs_no_decision() {
     assert!(decided > 0);
 }
 
+/// Redis (or a proxy) closes connections that sit idle; the next decisions open new ones
+/// and none of them fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_while_idle_cost_no_decision() {
+    let server = RedisProcess::on_socket();
+    let store = standalone(&server).await;
+    let shape = Shape::new(100, 1_000_000, 100).expect("a shape");
+    let charge = |n: usize| Charge {
+        key: format!("idle:{n}").into_bytes(),
+        shape: Some(shape),
+        hits: 1,
+        mode: Mode::Enforce,
+    };
+    // Every lane's connection is open and in use.
+    for n in 0..16 {
+        store.charge(&[charge(n)]).await.expect("a decision");
+    }
+    let before = server.cli(&["CLIENT", "LIST"]).lines().count();
+    let killed: usize = server
+        .cli(&["CLIENT", "KILL", "TYPE", "normal"])
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(killed >= 1, "{killed}");
+    assert!(server.cli(&["CLIENT", "LIST"]).lines().count() < before);
+    for n in 0..16 {
+        let decision = store.charge(&[charge(n)]).await;
+        assert!(
+            decision.is_ok(),
+            "decision {n} after the kill: {decision:?}"
+        );
+    }
+}
+
 /// A bucket is a key with a time to live: it disappears when it would be full again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buckets_expire_when_full() {

@@ -383,7 +383,11 @@ impl Inner {
         decisions: &[Vec<&Charge>],
     ) -> Result<Vec<i64>, StoreError> {
         let call = async {
-            let open = match connection.take() {
+            let reusable = connection.take().and_then(|mut open| {
+                let stale = open.is_stale();
+                (!stale).then_some(open)
+            });
+            let open = match reusable {
                 Some(open) => open,
                 None => self.open().await?,
             };

@@ -10,6 +10,7 @@
 use std::io;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -179,6 +180,23 @@ impl Connection {
             Reply::Error(error) => Err(StoreError::Failed(format!("{name}: {error}"))),
             other => Err(protocol(format!("{name} answered {other:?}"))),
         }
+    }
+
+    /// Whether the connection can no longer be used, seen without waiting: the server closed
+    /// it (Redis's idle `timeout`, `CLIENT KILL`, a proxy's idle limit), it broke, or bytes
+    /// came that nobody asked for. Checked before a connection is used again, so that a
+    /// decision does not fail on a connection that died while idle.
+    pub fn is_stale(&mut self) -> bool {
+        if self.start != self.end {
+            return true;
+        }
+        // Readiness is tracked by the runtime: while nothing has arrived this returns
+        // without a system call.
+        // Anything but "nothing yet" (an end, an error, unasked bytes) makes it stale.
+        self.stream
+            .read(&mut self.buffer[..])
+            .now_or_never()
+            .is_some()
     }
 
     /// Sends `command` and reads its reply. After an error the connection is in an unknown
