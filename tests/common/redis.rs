@@ -27,6 +27,19 @@ pub fn free_port() -> u16 {
     socket.local_addr().expect("an address").port()
 }
 
+/// A free port for a Cluster node: Redis also listens 10000 above it for the cluster bus, so
+/// that one must be free and exist (an ephemeral port above 55535 has no bus port, and such a
+/// node would not start).
+fn free_cluster_port() -> u16 {
+    for _ in 0..1_000 {
+        let port = free_port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port with a free cluster bus port 10000 above it");
+}
+
 /// One `redis-server` process.
 pub struct RedisProcess {
     child: Child,
@@ -196,8 +209,16 @@ impl RedisProcess {
 
     /// A server on a free TCP port with extra arguments, in `dir`.
     pub fn on_port(dir: &Path, extra: &[&str]) -> RedisProcess {
+        RedisProcess::on_given_port(dir, free_port(), extra)
+    }
+
+    /// A Cluster node on a free TCP port whose cluster bus port (10000 above it) is free too.
+    fn cluster_node(dir: &Path, extra: &[&str]) -> RedisProcess {
+        RedisProcess::on_given_port(dir, free_cluster_port(), extra)
+    }
+
+    fn on_given_port(dir: &Path, port: u16, extra: &[&str]) -> RedisProcess {
         require_redis();
-        let port = free_port();
         let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
             .map(str::to_owned)
             .to_vec();
@@ -317,7 +338,7 @@ impl RedisCluster {
             .map(|i| {
                 let node_dir = dir.path().join(format!("node{i}"));
                 std::fs::create_dir(&node_dir).expect("a node directory");
-                RedisProcess::on_port(
+                RedisProcess::cluster_node(
                     &node_dir,
                     // A replica of a lost master takes over however long ago it last heard from
                     // it: an idle test cluster would otherwise count as too stale to fail over.
