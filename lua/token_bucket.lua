@@ -24,12 +24,13 @@
 --     hits              tokens to take if the request passes; 0: check only (needs 1, takes 0)
 --     mode              0 enforce, 1 shadow (never denies), 2+g quota-mode descriptor g
 --
--- Reply: for each decision in turn, { passed (1 or 0), then four numbers per bucket:
+-- Reply: one flat list of numbers: first the time decided at, in microseconds; then for each
+-- decision in turn, { passed (1 or 0), then two numbers per bucket:
 --   held              1 if the bucket held the tokens asked of it, else 0
---   remaining         whole tokens left after the decision
---   until_full_us     microseconds until the bucket is full again
---   until_hits_us     microseconds until the asked tokens are there; -1: never }
--- all in one flat list.
+--   level             its level in units after the decision (as probed, when denied) }
+-- The caller turns a level into the report (tokens left, time until full, time until the hits
+-- are there) with the same arithmetic as the model's; doing it here would double the script's
+-- cost.
 --
 -- State of a bucket: 24 bytes, struct.pack('<ddd', level, at_us, units_per_token), where level
 -- is in units at the tick boundary at_us. A missing key (or one holding anything else) is a
@@ -91,34 +92,19 @@ local function store(key, level, cap_units, units, now_tick, tick, refill)
   call('SET', key, pack('<ddd', level, at, units), 'PX', max(1000, ceil_div(full_at - now, 1000)))
 end
 
--- Microseconds from now until a bucket at `level` holds `units_needed`.
-local function until_units(level, units_needed, refill, now_tick, tick)
-  if level >= units_needed then
-    return 0
-  end
-  local ticks = ceil_div(units_needed - level, refill)
-  return max(0, (now_tick + ticks) * tick - now)
-end
+local reply = { now }
+local r = 1
 
-local reply = {}
-local r = 0
-
--- Appends the report of one bucket: held, remaining, until full, until the hits are there.
-local function report(held, level, units, cap_units, need, capacity, refill, now_tick, tick)
+-- Appends the answer of one bucket: whether it held, and its level.
+local function report(held, level)
   reply[r + 1] = held and 1 or 0
-  reply[r + 2] = idiv(level, units)
-  reply[r + 3] = until_units(level, cap_units, refill, now_tick, tick)
-  if need <= capacity then
-    reply[r + 4] = until_units(level, need * units, refill, now_tick, tick)
-  else
-    reply[r + 4] = -1
-  end
-  r = r + 4
+  reply[r + 2] = level
+  r = r + 2
 end
 
 local function report_deny_all()
-  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] = 0, 0, 0, -1
-  r = r + 4
+  reply[r + 1], reply[r + 2] = 0, 0
+  r = r + 2
 end
 
 -- The numbers of the decisions, and where the next one starts.
@@ -170,7 +156,7 @@ local function decide_one(k)
   end
   r = r + 1
   reply[r] = passed and 1 or 0
-  report(holds, after, units, cap_units, need, capacity, refill, now_tick, tick)
+  report(holds, after)
 end
 
 -- One decision over KEYS[k + 1 .. k + n]. Charges on the
@@ -272,8 +258,7 @@ local function decide(k, n)
       report_deny_all()
     else
       local shown = passed and after[i] or probed[j]
-      report(held[i], shown, b_units[j], b_cap_units[j], max(hits[i], 1), capacity[i],
-        b_refill[j], b_now[j], b_tick[j])
+      report(held[i], shown)
     end
   end
 end

@@ -32,7 +32,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::resp::{self, Reply};
 use super::{Charge, ChargeResult, Decision, Mode, StoreError, verdict};
-use crate::bucket::Report;
+use crate::bucket::Probe;
 use crate::clock::Clock;
 use crate::key;
 
@@ -40,7 +40,7 @@ use crate::key;
 pub const SCRIPT: &str = include_str!("../../lua/token_bucket.lua");
 
 /// Numbers per bucket in the reply, after each decision's leading `passed`.
-const REPLY_STRIDE: usize = 4;
+const REPLY_STRIDE: usize = 2;
 
 /// Decisions sent together in one script call, at most.
 const MAX_BATCH: usize = 64;
@@ -647,38 +647,58 @@ fn classify_reply(error: String) -> StoreError {
 }
 
 /// Splits a script reply into one decision per entry of `decisions`.
+///
+/// The script answers with the time it decided at, then each bucket's level; the reports
+/// (tokens left, time until full, time until the hits are there) are worked out here with
+/// the model's own arithmetic, exactly as the memory store does.
 fn decode(decisions: &[Vec<&Charge>], reply: &[i64]) -> Result<Vec<Decision>, StoreError> {
     let malformed = || StoreError::Failed(format!("malformed script reply: {reply:?}"));
-    let expected: usize = decisions.iter().map(|c| 1 + REPLY_STRIDE * c.len()).sum();
+    let expected: usize = 1 + decisions
+        .iter()
+        .map(|c| 1 + REPLY_STRIDE * c.len())
+        .sum::<usize>();
     if reply.len() != expected {
         return Err(malformed());
     }
-    let mut rest = reply;
+    let now_us = u64::try_from(reply[0]).map_err(|_| malformed())?;
+    let mut rest = &reply[1..];
     let mut out = Vec::with_capacity(decisions.len());
     for charges in decisions {
         let (this, next) = rest.split_at(1 + REPLY_STRIDE * charges.len());
-        out.push(decode_one(charges, this).ok_or_else(malformed)?);
+        out.push(decode_one(charges, this, now_us).ok_or_else(malformed)?);
         rest = next;
     }
     Ok(out)
 }
 
-fn decode_one(charges: &[&Charge], reply: &[i64]) -> Option<Decision> {
-    let number = |v: i64| u64::try_from(v).ok();
+fn decode_one(charges: &[&Charge], reply: &[i64], now_us: u64) -> Option<Decision> {
     let mut results = Vec::with_capacity(charges.len());
-    for (charge, fields) in charges.iter().zip(reply[1..].chunks(REPLY_STRIDE)) {
+    for (i, (charge, fields)) in charges
+        .iter()
+        .zip(reply[1..].chunks(REPLY_STRIDE))
+        .enumerate()
+    {
+        let held = fields[0] == 1;
         let report = match charge.shape {
             None => None,
-            Some(_) => Some(Report {
-                remaining: number(fields[1])?,
-                until_full_us: number(fields[2])?,
-                until_hits_us: (fields[3] >= 0).then_some(fields[3].unsigned_abs()),
-            }),
+            Some(shape) => {
+                // Charges on one bucket share the probe of its first charge, as in the
+                // memory store: the tick it was brought up to is that charge's.
+                let first = charges[..i]
+                    .iter()
+                    .find(|other| other.key == charge.key)
+                    .and_then(|other| other.shape)
+                    .unwrap_or(shape);
+                let probe = Probe {
+                    level: 0,
+                    now_tick: now_us / first.tick_us(),
+                    now_us,
+                };
+                let level = u64::try_from(fields[1]).ok()?;
+                Some(shape.report(&probe, level, charge.need()))
+            }
         };
-        results.push(ChargeResult {
-            held: fields[0] == 1,
-            report,
-        });
+        results.push(ChargeResult { held, report });
     }
     Some(Decision {
         passed: reply[0] == 1,
