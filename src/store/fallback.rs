@@ -26,6 +26,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Charge, ChargeResult, Decision, MemoryStore, Mode, RedisStore, StoreError};
@@ -110,19 +111,17 @@ impl OverLimitCache {
 
     /// The denial of a request one of whose enforcing buckets is known to be empty, or `None`.
     fn deny(&self, charges: &[Charge]) -> Option<Decision> {
-        let empty: Vec<Option<u64>> = charges
-            .iter()
-            .map(|c| {
-                if c.mode == Mode::Enforce {
-                    self.empty_for(&c.key)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        if empty.iter().all(Option::is_none) {
-            return None;
+        // Nearly always nothing is known to be empty: then nothing is allocated.
+        let mut empty: Option<Vec<Option<u64>>> = None;
+        for (i, charge) in charges.iter().enumerate() {
+            if charge.mode != Mode::Enforce {
+                continue;
+            }
+            if let Some(until) = self.empty_for(&charge.key) {
+                empty.get_or_insert_with(|| vec![None; charges.len()])[i] = Some(until);
+            }
         }
+        let empty = empty?;
         // Only the empty buckets are known; the others are reported as holding, untouched.
         let results = empty
             .iter()
@@ -204,6 +203,9 @@ pub struct Guarded {
     share: f64,
     probe_interval: Duration,
     breaker: Mutex<Breaker>,
+    /// Whether the breaker is closed, readable without its lock: the state of nearly every
+    /// decision, which then takes no lock shared by all. Written under the lock.
+    closed: AtomicBool,
     over_limit: OverLimitCache,
 }
 
@@ -243,6 +245,7 @@ impl Guarded {
             share,
             probe_interval,
             breaker: Mutex::new(breaker),
+            closed: AtomicBool::new(true),
             over_limit: OverLimitCache::new(),
         }
     }
@@ -270,6 +273,9 @@ impl Guarded {
     }
 
     fn route(&self) -> Route {
+        if self.closed.load(Ordering::Acquire) {
+            return Route::Redis;
+        }
         let mut breaker = self.lock();
         match breaker.state {
             BreakerState::Closed => Route::Redis,
@@ -283,11 +289,15 @@ impl Guarded {
     }
 
     fn succeeded(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let mut breaker = self.lock();
         if breaker.state != BreakerState::Closed {
             let outage_ms = breaker.opened.elapsed().as_millis();
             tracing::info!(outage_ms, "Redis answers again; deciding with Redis");
             breaker.state = BreakerState::Closed;
+            self.closed.store(true, Ordering::Release);
             metrics::gauge!(telemetry::BREAKER_STATE).set(0.0);
         }
     }
@@ -307,6 +317,7 @@ impl Guarded {
             BreakerState::Open => {}
         }
         breaker.state = BreakerState::Open;
+        self.closed.store(false, Ordering::Release);
         metrics::gauge!(telemetry::BREAKER_STATE).set(1.0);
     }
 
