@@ -37,6 +37,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9081")]
         listen: SocketAddr,
+        /// Runtime worker threads (default: one per core), to compare with a Sluice run with
+        /// the same `--worker-threads`.
+        #[arg(long)]
+        worker_threads: Option<usize>,
     },
 }
 
@@ -69,11 +73,24 @@ struct RunArgs {
     keys: u64,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    match Cli::parse().command {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::NullServer {
+        worker_threads: Some(threads),
+        ..
+    } = &cli.command
+    {
+        runtime.worker_threads((*threads).max(1));
+    }
+    runtime.build()?.block_on(execute(cli.command))
+}
+
+async fn execute(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
         Command::Run(args) => run(args).await,
-        Command::NullServer { listen } => {
+        Command::NullServer { listen, .. } => {
             println!("null RLS server on {listen}");
             // Configured as Sluice's own listener is, so the comparison is fair.
             let listener = tokio::net::TcpListener::bind(listen).await?;
