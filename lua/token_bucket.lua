@@ -44,7 +44,7 @@ if now == 0 then
 end
 local refund = ARGV[2] == '1'
 local floor, min, max = math.floor, math.min, math.max
-local call = redis.call
+local call, pcall_redis = redis.call, redis.pcall
 local pack, unpack_struct = struct.pack, struct.unpack
 
 -- floor(a / b) for non-negative integers below 2^53. The division is correctly rounded, so
@@ -62,9 +62,9 @@ local function ceil_div(a, b)
 end
 
 -- The level, in units, at tick `now_tick` of a bucket whose stored state is `stored` (false
--- when the key is missing).
+-- when the key is missing, an error table when it holds another type).
 local function level_of(stored, tick, refill, units, capacity, cap_units, now_tick)
-  if not stored or #stored ~= 24 then
+  if type(stored) ~= 'string' or #stored ~= 24 then
     return cap_units
   end
   local l, at, u = unpack_struct('<ddd', stored)
@@ -137,7 +137,9 @@ local function decide_one(k)
   local key = KEYS[k]
   local cap_units = capacity * units
   local now_tick = idiv(now, tick)
-  local level = level_of(call('GET', key), tick, refill, units, capacity, cap_units, now_tick)
+  -- pcall: GET fails on a key of another type, which counts as a full bucket, as MGET's nil
+  -- does on the general path; an error would fail every decision of the call.
+  local level = level_of(pcall_redis('GET', key), tick, refill, units, capacity, cap_units, now_tick)
   local need = max(hits, 1)
   local holds = need <= capacity and level >= need * units
   local after = level

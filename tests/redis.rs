@@ -227,6 +227,36 @@ async fn a_flushed_script_cache_costs_no_decision() {
     assert!(decided > 0);
 }
 
+/// A bucket's key holding something else (another type, a string of another length) counts
+/// as a full bucket, in one-bucket decisions and in the others, and fails no decision of the
+/// call it shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holding_something_else_is_a_full_bucket() {
+    let server = RedisProcess::on_socket();
+    let store = standalone(&server).await;
+    let shape = Shape::new(5, 1_000_000, 5).expect("a shape");
+    let charge = |key: &str| Charge {
+        key: key.as_bytes().to_vec(),
+        shape: Some(shape),
+        hits: 1,
+        mode: Mode::Enforce,
+    };
+    server.cli(&["HSET", "other:hash", "field", "value"]);
+    server.cli(&["SET", "other:string", "not a bucket"]);
+    for key in ["other:hash", "other:string"] {
+        let alone = store.charge(&[charge(key)]).await.expect("a decision");
+        assert!(alone.passed, "{key}: {alone:?}");
+        let report = alone.results[0].report.expect("a report");
+        assert_eq!(report.remaining, 4, "{key}");
+    }
+    server.cli(&["HSET", "other:hash2", "field", "value"]);
+    let together = store
+        .charge(&[charge("other:hash2"), charge("other:fresh")])
+        .await
+        .expect("a decision");
+    assert!(together.passed, "{together:?}");
+}
+
 /// Redis (or a proxy) closes connections that sit idle; the next decisions open new ones
 /// and none of them fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
