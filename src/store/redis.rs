@@ -42,6 +42,9 @@ pub const SCRIPT: &str = include_str!("../../lua/token_bucket.lua");
 /// Numbers per bucket in the reply, after each decision's leading `passed`.
 const REPLY_STRIDE: usize = 2;
 
+/// Deadline for opening a connection, when the call deadline is shorter.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Decisions sent together in one script call, at most.
 const MAX_BATCH: usize = 64;
 
@@ -377,43 +380,26 @@ impl Inner {
     /// One script call with `decisions` on a dispatcher's `connection`, opening it if needed;
     /// a connection that failed, or whose reply is late, is dropped, and a Sentinel master is
     /// asked for again.
+    ///
+    /// Opening a connection (TCP, TLS, AUTH, and asking the sentinels) has a deadline of its
+    /// own, longer than a call's, so that a slow handshake cannot keep a lane from ever
+    /// connecting again; the callers waiting meanwhile are bounded by their own deadline.
     async fn call_lane(
         &self,
         connection: &mut Option<resp::Connection>,
         decisions: &[Vec<&Charge>],
     ) -> Result<Vec<i64>, StoreError> {
-        let call = async {
-            let reusable = connection.take().and_then(|mut open| {
-                let stale = open.is_stale();
-                (!stale).then_some(open)
-            });
-            let open = match reusable {
-                Some(open) => open,
-                None => self.open().await?,
-            };
-            let open = connection.insert(open);
-            let mut reply = open.call(&self.script_command(decisions, false)).await;
-            if matches!(&reply, Ok(Reply::Error(error)) if error.starts_with("NOSCRIPT")) {
-                // Redis restarted or its script cache was flushed: send the script itself,
-                // which caches it again.
-                reply = open.call(&self.script_command(decisions, true)).await;
-            }
-            match reply {
-                Ok(Reply::Integers(Some(numbers))) => Ok(numbers),
-                Ok(Reply::Error(error)) => Err(classify_reply(error)),
-                Ok(other) => Err(StoreError::Failed(format!(
-                    "unexpected reply from the script: {other:?}"
-                ))),
-                Err(error) => {
+        let answer = match self.ready(connection).await {
+            Ok(open) => match tokio::time::timeout(self.timeout, self.run(open, decisions)).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(broken)) => {
                     // A broken stream or an unreadable reply: the connection cannot be trusted.
                     *connection = None;
-                    Err(error)
+                    Err(broken)
                 }
-            }
-        };
-        let answer = match tokio::time::timeout(self.timeout, call).await {
-            Ok(answer) => answer,
-            Err(_) => Err(self.late()),
+                Err(_) => Err(self.late()),
+            },
+            Err(error) => Err(error),
         };
         if matches!(answer, Err(StoreError::Unavailable(_))) {
             // Late, lost or refused by a server that is no master now.
@@ -423,6 +409,60 @@ impl Inner {
             }
         }
         answer
+    }
+
+    /// The dispatcher's connection, opened again when there is none or it went stale while
+    /// idle (closed by Redis, a proxy, or a Sentinel failover that killed the old master's
+    /// clients).
+    async fn ready<'c>(
+        &self,
+        connection: &'c mut Option<resp::Connection>,
+    ) -> Result<&'c mut resp::Connection, StoreError> {
+        if connection.as_mut().is_some_and(resp::Connection::is_stale) {
+            *connection = None;
+            if let Target::Sentinel(sentinel) = &self.target {
+                sentinel.forget();
+            }
+        }
+        if connection.is_none() {
+            let deadline = self.timeout.max(CONNECT_TIMEOUT);
+            let open = tokio::time::timeout(deadline, self.open())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "could not connect to Redis within {} ms",
+                        deadline.as_millis()
+                    ))
+                })??;
+            *connection = Some(open);
+        }
+        // Set just above when it was empty.
+        connection
+            .as_mut()
+            .ok_or_else(|| StoreError::Failed("no Redis connection".to_owned()))
+    }
+
+    /// Sends the script call for `decisions` on `open`, loading the script when Redis has
+    /// lost it. The outer error is a broken connection (transport or unreadable reply), which
+    /// must be dropped; the inner result is Redis's answer, read whole.
+    async fn run(
+        &self,
+        open: &mut resp::Connection,
+        decisions: &[Vec<&Charge>],
+    ) -> Result<Result<Vec<i64>, StoreError>, StoreError> {
+        let mut reply = open.call(&self.script_command(decisions, false)).await?;
+        if matches!(&reply, Reply::Error(error) if error.starts_with("NOSCRIPT")) {
+            // Redis restarted or its script cache was flushed: send the script itself, which
+            // caches it again.
+            reply = open.call(&self.script_command(decisions, true)).await?;
+        }
+        Ok(match reply {
+            Reply::Integers(Some(numbers)) => Ok(numbers),
+            Reply::Error(error) => Err(classify_reply(error)),
+            other => Err(StoreError::Failed(format!(
+                "unexpected reply from the script: {other:?}"
+            ))),
+        })
     }
 
     /// A new connection to the standalone server or the Sentinel master.
@@ -639,7 +679,15 @@ fn classify_reply(error: String) -> StoreError {
         "CLUSTERDOWN",
     ];
     let code = error.split(' ').next().unwrap_or_default();
-    if TRANSIENT.contains(&code) {
+    // Before Redis 7 an error inside a script came wrapped: `ERR Error running script …
+    // -READONLY You can't write against a read only replica.`
+    let wrapped = || {
+        error
+            .split(" -")
+            .skip(1)
+            .any(|inner| TRANSIENT.iter().any(|code| inner.starts_with(code)))
+    };
+    if TRANSIENT.contains(&code) || wrapped() {
         StoreError::Unavailable(format!("Redis: {error}"))
     } else {
         StoreError::Failed(format!("Redis: {error}"))
@@ -686,8 +734,8 @@ fn decode_one(charges: &[&Charge], reply: &[i64], now_us: u64) -> Option<Decisio
                 // memory store: the tick it was brought up to is that charge's.
                 let first = charges[..i]
                     .iter()
-                    .find(|other| other.key == charge.key)
-                    .and_then(|other| other.shape)
+                    .filter(|other| other.key == charge.key)
+                    .find_map(|other| other.shape)
                     .unwrap_or(shape);
                 let probe = Probe {
                     level: 0,
@@ -730,5 +778,34 @@ fn classify(error: RedisError) -> StoreError {
         StoreError::Unavailable(error.to_string())
     } else {
         StoreError::Failed(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_demoted_master_is_transient_bare_or_wrapped_in_a_script_error() {
+        for reply in [
+            "READONLY You can't write against a read only replica.",
+            "ERR Error running script (call to f_0123): @user_script:92: @user_script: 92: \
+             -READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+        ] {
+            assert!(
+                matches!(classify_reply(reply.to_owned()), StoreError::Unavailable(_)),
+                "{reply}"
+            );
+        }
+        for reply in [
+            "ERR wrong number of arguments for 'evalsha' command",
+            "ERR Error running script: -WRONGTYPE Operation against a key holding the wrong kind",
+        ] {
+            assert!(
+                matches!(classify_reply(reply.to_owned()), StoreError::Failed(_)),
+                "{reply}"
+            );
+        }
     }
 }
