@@ -418,28 +418,28 @@ impl Inner {
         &self,
         connection: &'c mut Option<resp::Connection>,
     ) -> Result<&'c mut resp::Connection, StoreError> {
-        if connection.as_mut().is_some_and(resp::Connection::is_stale) {
-            *connection = None;
+        let mut kept = connection.take();
+        if kept.as_mut().is_some_and(resp::Connection::is_stale) {
+            kept = None;
             if let Target::Sentinel(sentinel) = &self.target {
                 sentinel.forget();
             }
         }
-        if connection.is_none() {
-            let deadline = self.timeout.max(CONNECT_TIMEOUT);
-            let open = tokio::time::timeout(deadline, self.open())
-                .await
-                .map_err(|_| {
-                    StoreError::Unavailable(format!(
-                        "could not connect to Redis within {} ms",
-                        deadline.as_millis()
-                    ))
-                })??;
-            *connection = Some(open);
-        }
-        // Set just above when it was empty.
-        connection
-            .as_mut()
-            .ok_or_else(|| StoreError::Failed("no Redis connection".to_owned()))
+        let open = match kept {
+            Some(open) => open,
+            None => {
+                let deadline = self.timeout.max(CONNECT_TIMEOUT);
+                tokio::time::timeout(deadline, self.open())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!(
+                            "could not connect to Redis within {} ms",
+                            deadline.as_millis()
+                        ))
+                    })??
+            }
+        };
+        Ok(connection.insert(open))
     }
 
     /// Sends the script call for `decisions` on `open`, loading the script when Redis has
